@@ -1,0 +1,90 @@
+"""Which weight matrices of a denoiser may be adapted: candidate pools and selection units.
+
+A candidate is an ``nn.Linear`` named by its full module name (``down_blocks.0.attentions.0.
+transformer_blocks.0.attn2.to_v``), exactly what PEFT's ``target_modules`` matches. Works for
+any diffusers UNet2DConditionModel or Transformer2DModel/DiT: attention is found by the
+diffusers ``Attention`` class, never by the tiny model's sizes or block names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+POOLS = {
+    "attn_qkv": ("to_q", "to_k", "to_v"),
+    "attn_qkvo": ("to_q", "to_k", "to_v", "to_out.0"),
+    "all_linear": None,  # every nn.Linear of the model: the paper's "All Param." variant
+}
+UNITS = ("matrix", "layer")
+
+
+def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Linear]:
+    """Candidate matrices in model order: full module name -> the ``nn.Linear``.
+
+    Raises ValueError for an unknown pool or a model without candidates.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"unknown candidate pool {pool!r}; choose one of {sorted(POOLS)}")
+    found = {}
+    if POOLS[pool] is None:
+        found = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    else:
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):
+                for child in POOLS[pool]:
+                    linear = module.get_submodule(child) if _has_submodule(module, child) else None
+                    if isinstance(linear, nn.Linear):
+                        found[f"{name}.{child}"] = linear
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no candidate matrices for pool {pool!r}: the attention pools need "
+            "diffusers Attention modules (a UNet2DConditionModel or Transformer2DModel); "
+            "use pool='all_linear' for other models")
+    return found
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def unit_of(name: str, unit: str) -> str:
+    """The selection unit a matrix belongs to: itself, or its attention layer (its parent module)."""
+    if unit == "matrix":
+        return name
+    if unit == "layer":
+        return re.sub(r"\.(to_q|to_k|to_v|to_out\.0)$", "", name)
+    raise ValueError(f"unknown selection unit {unit!r}; choose one of {UNITS}")
+
+
+def group_units(names: list[str], unit: str) -> dict[str, list[str]]:
+    """Selection unit -> its member matrix names, in model order."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(unit_of(name, unit), []).append(name)
+    return groups
+
+
+def block_label(name: str) -> str:
+    """Short label of the block a module lives in, as in the paper's Table 7: D0, Mid, U1, ..."""
+    match = re.match(r"(down|up)_blocks\.(\d+)", name)
+    if match:
+        return f"{match.group(1)[0].upper()}{match.group(2)}"
+    if name.startswith("mid_block"):
+        return "Mid"
+    match = re.match(r"transformer_blocks\.(\d+)", name)
+    return f"B{match.group(1)}" if match else name.split(".")[0]
+
+
+def matrix_label(name: str) -> str:
+    """Short label of a matrix inside its block: 'attn2.v', 'attn1.o', or the last two name parts."""
+    match = re.search(r"(attn\d)\.to_(q|k|v|out\.0)$", name)
+    if match:
+        return f"{match.group(1)}.{match.group(2).replace('out.0', 'o')}"
+    return ".".join(name.split(".")[-2:])

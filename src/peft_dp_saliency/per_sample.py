@@ -1,0 +1,158 @@
+"""Jointly clipped per-sample gradient sums for a set of ``nn.Linear`` modules (the hot path).
+
+For a Linear layer with input x_i (T, d_in) and output gradient g_i (T, d_out) of example i,
+the per-sample weight gradient is G_i = g_i^T x_i. Its squared norm is computed either
+
+- by the ghost-norm identity ||G_i||^2 = <x_i x_i^T, g_i g_i^T> (cost ~ T^2 (d_in + d_out)), or
+- by materialising G_i (cost ~ T d_in d_out, memory B d_in d_out for this layer only),
+
+whichever is cheaper for that layer (ghost when 2 T^2 <= d_in d_out). The clipped sum
+sum_i c_i G_i, with c_i = min(1, C / ||grad_i||) over ALL modules jointly, is one einsum with
+the reweighted output gradients: no second backward pass and no per-example loop.
+
+Written here rather than with Opacus because (a) the selection query needs per-sample
+gradients of *frozen* matrices, where Opacus places no hooks, (b) Opacus' ghost clipping builds
+T x T Gram matrices for every layer, and (c) one engine then serves selection and DP-SGD alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ClippedSums:
+    """Result of one batch.
+
+    sums: parameter name ('<module>.weight' / '<module>.bias') -> sum over the batch of the
+        jointly clipped per-sample gradients, same shape as the parameter, float32.
+    norms: (B,) per-sample gradient norms before clipping (float32; never leave the process).
+    """
+
+    sums: dict[str, torch.Tensor]
+    norms: torch.Tensor
+
+
+def use_ghost_norm(tokens: int, d_in: int, d_out: int) -> bool:
+    """Ghost norms beat materialised per-sample gradients when 2 T^2 <= d_in d_out."""
+    return 2 * tokens * tokens <= d_in * d_out
+
+
+class PerSampleClipper:
+    """Captures inputs/outputs of the given Linear modules and returns clipped gradient sums.
+
+    modules: full name -> nn.Linear. The weight of every module is part of the mechanism; the bias
+    is too when it requires grad. The modules' outputs must require grad during the forward
+    (true for trainable modules; use :func:`frozen_weights_tracked` for frozen ones).
+    """
+
+    def __init__(self, modules: dict[str, nn.Linear], max_grad_norm: float):
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        for name, module in modules.items():
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{name} is a {type(module).__name__}; per-sample gradients are "
+                                "implemented for nn.Linear only")
+        self.modules = modules
+        self.max_grad_norm = max_grad_norm
+        self._records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def capture(self):
+        """Record (input, output) of every module during the forward inside this context."""
+        self._records.clear()
+
+        def hook(name):
+            def record(module, inputs, output):
+                if name in self._records:
+                    raise RuntimeError(f"{name} ran twice in one forward; per-sample gradients assume "
+                                       "each module is called once per example")
+                if not output.requires_grad:
+                    raise RuntimeError(f"the output of {name} does not require grad; wrap frozen "
+                                       "modules in frozen_weights_tracked()")
+                self._records[name] = (inputs[0].detach(), output)
+            return record
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def clipped_sums(self, per_sample_loss: torch.Tensor) -> ClippedSums:
+        """Backward of per_sample_loss (B,) and the jointly clipped per-sample gradient sums."""
+        missing = [n for n in self.modules if n not in self._records]
+        if missing:
+            raise RuntimeError(f"modules not used in the forward: {missing[:3]}...")
+        names = list(self.modules)
+        outputs = [self._records[n][1] for n in names]
+        grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
+        batch = per_sample_loss.shape[0]
+        sq_norms = torch.zeros(batch, dtype=torch.float32, device=per_sample_loss.device)
+        pieces = {}
+        for name, grad_out in zip(names, grads):
+            x = self._records[name][0]
+            if grad_out is None:
+                grad_out = torch.zeros_like(self._records[name][1])
+            x = x.reshape(batch, -1, x.shape[-1]).float()
+            g = grad_out.reshape(batch, -1, grad_out.shape[-1]).float()
+            pieces[name] = layer = _LayerGrad(x, g, self.modules[name].bias is not None
+                                              and self.modules[name].bias.requires_grad)
+            sq_norms += layer.sq_norms()
+        self._records.clear()
+        norms = sq_norms.sqrt()
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        sums = {}
+        for name, layer in pieces.items():
+            sums.update({f"{name}.{k}": v for k, v in layer.weighted_sums(factors).items()})
+        return ClippedSums(sums=sums, norms=norms)
+
+
+class _LayerGrad:
+    """Per-sample gradient pieces of one Linear: x (B, T, d_in), g (B, T, d_out)."""
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor, with_bias: bool):
+        self.x, self.g, self.with_bias = x, g, with_bias
+        tokens, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
+        self.materialised = None if use_ghost_norm(tokens, d_in, d_out) else torch.einsum("bto,bti->boi", g, x)
+
+    def sq_norms(self) -> torch.Tensor:
+        if self.materialised is not None:
+            sq = self.materialised.pow(2).sum((1, 2))
+        else:
+            sq = (torch.bmm(self.x, self.x.transpose(1, 2)) * torch.bmm(self.g, self.g.transpose(1, 2))).sum((1, 2))
+        if self.with_bias:
+            sq = sq + self.g.sum(1).pow(2).sum(1)
+        return sq
+
+    def weighted_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.materialised is not None:
+            weight = torch.einsum("b,boi->oi", factors, self.materialised)
+        else:
+            weight = torch.einsum("bto,bti->oi", self.g * factors[:, None, None], self.x)
+        out = {"weight": weight}
+        if self.with_bias:
+            out["bias"] = torch.einsum("b,bo->o", factors, self.g.sum(1))
+        return out
+
+
+@contextmanager
+def frozen_weights_tracked(modules: dict[str, nn.Linear]):
+    """Let frozen modules' outputs carry a graph (weights require grad) without ever filling .grad.
+
+    Only :meth:`PerSampleClipper.clipped_sums` differentiates, and it asks autograd for gradients
+    of the module outputs alone, so the weights' .grad stays None.
+    """
+    previous = {name: m.weight.requires_grad for name, m in modules.items()}
+    for module in modules.values():
+        module.weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            module.weight.requires_grad_(previous[name])
