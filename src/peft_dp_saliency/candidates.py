@@ -83,8 +83,17 @@ def block_label(name: str) -> str:
 
 
 def matrix_label(name: str) -> str:
-    """Short label of a matrix inside its block: 'attn2.v', 'attn1.o', or the last two name parts."""
-    match = re.search(r"(attn\d)\.to_(q|k|v|out\.0)$", name)
+    """Short label of a matrix inside its block: 'a1.attn2.v' (attention 1 of the block, cross-attention,
+    value), or the last two name parts for other matrices."""
+    match = re.search(r"(?:attentions\.(\d+)\..*)?(attn\d)\.to_(q|k|v|out\.0)$", name)
     if match:
-        return f"{match.group(1)}.{match.group(2).replace('out.0', 'o')}"
+        prefix = f"a{match.group(1)}." if match.group(1) is not None else ""
+        return f"{prefix}{match.group(2)}.{match.group(3).replace('out.0', 'o')}"
     return ".".join(name.split(".")[-2:])
+
+
+def block_order(label: str) -> tuple[int, int]:
+    """Sort key for block labels: down blocks, mid block, up blocks (input to output)."""
+    rank = {"D": 0, "M": 1, "U": 2}.get(label[0], 3)
+    digits = "".join(ch for ch in label if ch.isdigit())
+    return rank, int(digits) if digits else 0

@@ -1,0 +1,85 @@
+"""SaliencyLoraConfig: a PEFT LoraConfig that also records how its target_modules were chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from peft import LoraConfig
+
+from .candidates import POOLS, UNITS
+
+STRATEGIES = ("saliency", "random", "all")
+SCORES = ("norm", "debiased")
+
+
+@dataclass
+class SaliencyLoraConfig(LoraConfig):
+    """LoRA config whose ``target_modules`` come from a (private) saliency query.
+
+    Works wherever a LoraConfig does (``unet.add_adapter(config)``, ``get_peft_model``), and
+    round-trips through ``save_pretrained`` / ``SaliencyLoraConfig.from_pretrained`` with every
+    selection field (plain ``LoraConfig.from_pretrained`` drops them).
+    """
+
+    candidate_pool: str = field(default="attn_qkv", metadata={
+        "help": f"Which matrices may be adapted: one of {sorted(POOLS)}. 'attn_qkv' = q/k/v of every "
+                "self- and cross-attention, 'attn_qkvo' adds the output projection, 'all_linear' = every Linear."})
+    selection_unit: str = field(default="matrix", metadata={
+        "help": "Granularity of selection: 'matrix' (each weight matrix) or 'layer' (an attention layer's matrices together)."})
+    selection_ratio: float = field(default=0.3, metadata={
+        "help": "Fraction of units (in (0, 1]) that get adapters: the top-ratio by noisy saliency score."})
+    selection_strategy: str = field(default="saliency", metadata={
+        "help": "'saliency' (DP-SAPF private gradient query), 'random' (data-independent, no privacy cost) "
+                "or 'all' (every candidate, no query: DP-LoRA)."})
+    saliency_score: str = field(default="norm", metadata={
+        "help": "'norm' = ||noisy block|| (the paper); 'debiased' = ||noisy block||^2 - d (sigma_s C / N)^2, which "
+                "removes the noise's bias toward large matrices."})
+    selection_noise_multiplier: float = field(default=5.0, metadata={
+        "help": "sigma_s: the query adds Gaussian noise of std sigma_s * C / N to every coordinate."})
+    selection_max_grad_norm: float = field(default=1.0, metadata={
+        "help": "C: per-sample gradients over ALL candidates are clipped jointly to this L2 norm."})
+    selection_seed: Optional[int] = field(default=None, metadata={
+        "help": "Seed of the random strategy and of the query's data randomness (timesteps, diffusion noise). "
+                "The DP noise never derives from it unless deterministic_noise is set."})
+    deterministic_noise: bool = field(default=False, metadata={
+        "help": "Derive the DP noise from selection_seed (tests only: the result is NOT private)."})
+    selection_result: Optional[dict[str, Any]] = field(default=None, metadata={
+        "help": "Filled by select_target_modules: strategy, selected units, noisy scores (DP outputs) and the "
+                "mechanism's parameters. Safe to publish."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = {
+            "candidate_pool": (self.candidate_pool in POOLS, sorted(POOLS)),
+            "selection_unit": (self.selection_unit in UNITS, UNITS),
+            "selection_strategy": (self.selection_strategy in STRATEGIES, STRATEGIES),
+            "saliency_score": (self.saliency_score in SCORES, SCORES),
+        }
+        for name, (ok, choices) in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")
+        if not 0 < self.selection_ratio <= 1:
+            raise ValueError(f"selection_ratio must be in (0, 1], got {self.selection_ratio}")
+        if self.selection_strategy == "saliency":
+            if not self.selection_noise_multiplier > 0:
+                raise ValueError("selection_noise_multiplier must be > 0 for the private saliency query, "
+                                 f"got {self.selection_noise_multiplier}")
+            if not self.selection_max_grad_norm > 0:
+                raise ValueError(f"selection_max_grad_norm must be > 0, got {self.selection_max_grad_norm}")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Instantiate this subclass (PEFT's version maps peft_type LORA to plain LoraConfig)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+    def lora_config_dict(self) -> dict[str, Any]:
+        """Only the LoraConfig fields (what diffusers' adapter metadata accepts)."""
+        lora_fields = {f.name for f in fields(LoraConfig)}
+        return {k: v for k, v in self.to_dict().items() if k in lora_fields}
+
+    def selection_dict(self) -> dict[str, Any]:
+        """Only the selection fields added by this subclass."""
+        lora_fields = {f.name for f in fields(LoraConfig)}
+        return {k: v for k, v in self.to_dict().items() if k not in lora_fields}

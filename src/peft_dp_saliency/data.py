@@ -1,0 +1,433 @@
+"""The sensitive labelled images: Fashion-MNIST files, a `datasets` dataset, or an imagefolder.
+
+`load_sensitive_dataset` builds a `SensitiveImageDataset` whose items are
+``(image, label)``: image a float32 tensor of shape (3, R, R) with values in [-1, 1]
+(``x / 127.5 - 1`` of the 8-bit RGB values), label an int in [0, K). It also holds
+``class_names`` (K), ``prompts`` (K, index = label), ``labels`` (N,) int64 and a
+``description`` for reports and model cards.
+
+Sources (``source`` argument):
+
+=================================  ======================================================
+``None`` or ``"fashion-mnist"``    Debian package dataset-fashion-mnist, files under
+                                   /usr/share/datasets/fashion-mnist; split "train" (60000)
+                                   or "test" (t10k, 10000); DPImageBench class names.
+existing folder with               a `datasets` dataset saved with ``save_to_disk``
+``state.json`` +                   (a ``dataset_dict.json`` folder is a DatasetDict: the
+``dataset_info.json``              ``split`` is picked from it).
+other existing folder              imagefolder ``root/<class_name>/<image files>``; class
+                                   order = sorted subfolder names, file order = sorted names.
+anything else                      a Hugging Face Hub dataset name, loaded with
+                                   ``datasets.load_dataset(source, split=split)``.
+=================================  ======================================================
+
+Image conversions, in this order (the same for every file / row):
+
+==========================  ================================================================
+Fashion-MNIST (28x28 L)     zero-padded by 2 px per side to 32x32 (black border, -1 after
+                            scaling), replicated to 3 channels; then resized as below.
+EXIF orientation            applied (``ImageOps.exif_transpose``); first frame of animations.
+"RGB"                       unchanged.
+"1", "L", "P", "RGBX",      ``Image.convert("RGB")`` (gray values replicated to 3 channels).
+"CMYK", "YCbCr"
+"RGBA", "LA", "PA",         composited over black: rgb * alpha / 255.
+"P" with transparency
+"I;16", "I;16B", "I;16L",   16-bit gray scaled to 8 bits by a fixed /257 (0 -> 0,
+"I;16N", "I" (0..65535)     65535 -> 255; not by the image's own max), then as "L".
+                            "I" values outside 0..65535 are an error.
+other modes ("F", ...)      error at construction naming the file.
+size != R x R               shorter side resized to R (PIL bilinear, antialiased when
+                            shrinking), then center-cropped to R x R, as in diffusers'
+                            train_text_to_image_lora.py (Resize, CenterCrop).
+values                      uint8 -> float32 ``x / 127.5 - 1`` (Normalize([0.5], [0.5])).
+==========================  ================================================================
+
+Nothing is dropped silently, since N enters the privacy analysis: every image is opened,
+decoded and converted at construction, before any privacy budget is spent, and any failure
+(unreadable, truncated, non-image or unsupported files; a missing column; labels out of
+range; an empty class folder or root) raises ValueError naming the files or column and the
+fix. The only entries skipped are hidden ones (names starting with "."), e.g. .DS_Store.
+Any other file in an imagefolder must be an image (the extension is not looked at), and the
+root may contain only class folders. ``max_examples=K`` keeps the first K items in the order
+above (N is then min(K, available)); only those are verified.
+
+Memory: Fashion-MNIST stays a (N, 28, 28) uint8 tensor and is converted per item; files and
+`datasets` rows are decoded per item. No size is assumed (32x32 and 512x512 work alike).
+
+Prompts: ``prompt_template.format(class_name)`` with the class name as spelled in the source
+(DPImageBench style, "An image of a T-shirt"); CLIP tokenizers lower-case text anyway.
+An explicit ``prompts`` list (one per class) overrides the template.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
+DEFAULT_PROMPT_TEMPLATE = "An image of a {}"
+MAX_LISTED_PROBLEMS = 20
+
+_AS_RGB_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"}
+_ALPHA_MODES = {"RGBA", "LA", "PA"}
+_16_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_CONVERSIONS = ("converted to RGB (gray replicated, alpha composited over black, 16-bit "
+                "scaled /257), shorter side resized to {r} (bilinear) and center-cropped "
+                "to {r}x{r}")
+
+
+class SensitiveImageDataset(Dataset):
+    """(image, label) items: image float32 (3, R, R) in [-1, 1], label int in [0, K).
+
+    Attributes:
+        class_names: K class names, index = label.
+        prompts: K text prompts, index = label.
+        labels: (N,) int64 labels of all items (no image is decoded to get them).
+        resolution: R, the side of every output image in pixels.
+        description: one line for reports and model cards (no file paths, no per-image data).
+    """
+
+    def __init__(self, images, labels: torch.Tensor, class_names: list[str], prompts: list[str],
+                 resolution: int, description: str):
+        """`images[i]` must return an RGB PIL image of any size; `labels` is (N,) int64."""
+        self._images = images
+        self.labels = labels
+        self.class_names = class_names
+        self.prompts = prompts
+        self.resolution = resolution
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = resize_center_crop(self._images[index], self.resolution)
+        return to_tensor(image), int(self.labels[index])
+
+
+def load_sensitive_dataset(source: str | None = None, *, split: str = "train", resolution: int = 32,
+                           image_column: str = "image", label_column: str = "label",
+                           prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+                           prompts: list[str] | None = None,
+                           max_examples: int | None = None) -> SensitiveImageDataset:
+    """Load, verify and describe the sensitive images; see the module docstring for the rules.
+
+    Args:
+        source: None or "fashion-mnist" (Debian files), a folder (imagefolder or a
+            `save_to_disk` dataset) or a Hub dataset name.
+        split: "train" or "test" for Fashion-MNIST; any split name for `datasets` sources.
+        resolution: R, output images are (3, R, R).
+        image_column, label_column: columns of a `datasets` source ("img" is tried when
+            the default "image" column is absent).
+        prompt_template: format string with one "{}" for the class name.
+        prompts: one prompt per class, overriding `prompt_template`.
+        max_examples: keep only the first K items (deterministic); N is then at most K.
+    """
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be None or >= 1, got {max_examples}")
+    if source is None or source == "fashion-mnist":
+        images, labels, class_names, origin = _load_fashion_mnist(split, max_examples)
+        conversions = "28x28 grayscale zero-padded by 2 px per side to 32x32, replicated to RGB"
+        if resolution != 32:
+            conversions += f", resized to {resolution}x{resolution} (bilinear)"
+    else:
+        images, labels, class_names, origin = _load_other(source, split, image_column,
+                                                          label_column, max_examples)
+        conversions = _CONVERSIONS.format(r=resolution)
+    if max_examples is not None:
+        origin += f", first {max_examples} examples (max_examples)"
+    description = (f"{origin}; N={len(labels)}, {len(class_names)} classes; images "
+                   f"3x{resolution}x{resolution} in [-1, 1]: {conversions}")
+    return SensitiveImageDataset(images, labels, class_names,
+                                 make_prompts(class_names, prompt_template, prompts),
+                                 resolution, description)
+
+
+def make_prompts(class_names: list[str], template: str = DEFAULT_PROMPT_TEMPLATE,
+                 prompts: list[str] | None = None) -> list[str]:
+    """One prompt per class: `prompts` if given (checked), else `template.format(name)`."""
+    if prompts is not None:
+        if len(prompts) != len(class_names) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a list of {len(class_names)} strings, one per "
+                             f"class in the order {class_names}; got {len(prompts)} items")
+        return list(prompts)
+    marker = "\x00"
+    try:
+        filled = template.format(marker)
+    except (IndexError, KeyError, ValueError) as err:
+        raise ValueError(f"prompt_template {template!r} must contain one '{{}}' for the "
+                         f"class name (e.g. {DEFAULT_PROMPT_TEMPLATE!r})") from err
+    if marker not in filled:
+        raise ValueError(f"prompt_template {template!r} has no '{{}}' for the class name, so "
+                         f"all classes would share one prompt; e.g. {DEFAULT_PROMPT_TEMPLATE!r}")
+    return [template.format(name) for name in class_names]
+
+
+# Image conversion -------------------------------------------------------------------------
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of `image` by the module's conversion table (ValueError if unsupported)."""
+    mode = image.mode
+    if mode == "P" and "transparency" in image.info:
+        mode = "PA"
+    if mode in _AS_RGB_MODES:
+        return image.convert("RGB")
+    if mode in _ALPHA_MODES:
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, image.convert("RGBA")).convert("RGB")
+    if mode in _16_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"mode {image.mode} values span {values.min()}..{values.max()}, "
+                             f"outside the 16-bit range 0..65535")
+        gray = ((values + 128) // 257).astype(np.uint8)  # round(v / 257)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    raise ValueError(f"unsupported image mode {image.mode!r}; convert the file to RGB")
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side resized to `resolution` (bilinear), then a centered square crop of that side."""
+    width, height = image.size
+    if (width, height) == (resolution, resolution):
+        return image
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
+    image = image.resize(new_size, Image.Resampling.BILINEAR)
+    left = int(round((new_size[0] - resolution) / 2.0))
+    top = int(round((new_size[1] - resolution) / 2.0))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1] from an RGB PIL image of size (W, H)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    return pixels.float() / 127.5 - 1.0
+
+
+def _open_image(file) -> Image.Image:
+    """Open, fully decode (errors surface here), apply EXIF orientation and convert to RGB."""
+    with Image.open(file) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _verify(images, name_of) -> None:
+    """Decode every item of `images` once; ValueError listing the failures via `name_of(i)`."""
+    problems = []
+    for index in range(len(images)):
+        try:
+            images[index]
+        except UnidentifiedImageError:
+            problems.append(f"{name_of(index)}: not an image file PIL can read")
+        except Exception as err:  # any decoder failure means the item cannot be used
+            problems.append(f"{name_of(index)}: {type(err).__name__}: {err}")
+    if problems:
+        listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        raise ValueError(f"{len(problems)} of {len(images)} images cannot be used:\n  {listed}"
+                         + (f"\n  ... and {more} more" if more > 0 else "")
+                         + "\nRemove or fix them (items are never skipped: N enters the privacy "
+                           "analysis).")
+
+
+# Fashion-MNIST (Debian files) -------------------------------------------------------------
+
+class _FashionMnistImages:
+    """RGB 32x32 PIL images from a (N, 28, 28) uint8 tensor, converted per item."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        padded = np.pad(self.pixels[index].numpy(), 2)
+        return Image.fromarray(np.repeat(padded[:, :, None], 3, axis=2), mode="RGB")
+
+
+def _load_fashion_mnist(split: str, max_examples: int | None):
+    """Images, (N,) labels, class names and origin text of one Fashion-MNIST split."""
+    if split not in FASHION_MNIST_SPLITS:
+        raise ValueError(f"Fashion-MNIST split must be one of {sorted(FASHION_MNIST_SPLITS)}, "
+                         f"got {split!r}")
+    prefix = FASHION_MNIST_DIR / FASHION_MNIST_SPLITS[split]
+    image_file = Path(f"{prefix}-images-idx3-ubyte.gz")
+    label_file = Path(f"{prefix}-labels-idx1-ubyte.gz")
+    for file in (image_file, label_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"Fashion-MNIST file {file} is missing; install it with "
+                                    f"`apt-get install dataset-fashion-mnist`")
+    pixels = _read_idx(image_file, magic=2051, ndim=3)
+    labels = _read_idx(label_file, magic=2049, ndim=1)
+    if len(pixels) != len(labels) or pixels.shape[1:] != (28, 28) or labels.max() >= 10:
+        raise ValueError(f"{image_file} / {label_file} are inconsistent (shapes {pixels.shape}, "
+                         f"{labels.shape}); reinstall dataset-fashion-mnist")
+    pixels, labels = pixels[:max_examples], labels[:max_examples]
+    origin = f"Fashion-MNIST (Debian dataset-fashion-mnist), split {split!r}"
+    return (_FashionMnistImages(torch.from_numpy(pixels)), torch.from_numpy(labels.astype(np.int64)),
+            list(FASHION_MNIST_CLASSES), origin)
+
+
+def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
+    """A uint8 array from a gzipped IDX file (big-endian magic, then `ndim` int32 sizes)."""
+    with gzip.open(path, "rb") as file:
+        data = file.read()
+    header = np.frombuffer(data, dtype=">i4", count=1 + ndim)
+    shape = tuple(int(size) for size in header[1:])
+    if int(header[0]) != magic or len(data) != 4 * (1 + ndim) + int(np.prod(shape)):
+        raise ValueError(f"{path} is not a valid IDX file (magic {header[0]}, expected {magic}); "
+                         f"reinstall dataset-fashion-mnist")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 * (1 + ndim)).reshape(shape).copy()
+
+
+# Folders and `datasets` sources -----------------------------------------------------------
+
+def _load_other(source: str, split: str, image_column: str, label_column: str,
+                max_examples: int | None):
+    """Dispatch a non-Fashion-MNIST `source` to a saved dataset, an imagefolder or the Hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"saved DatasetDict {path} has no split {split!r}; "
+                                     f"available: {sorted(loaded)} (set split=...)")
+                loaded = loaded[split]
+            origin = f"`datasets` dataset saved on disk, split {str(loaded.split or 'unspecified')!r}"
+            return _load_arrow(loaded, image_column, label_column, max_examples, origin)
+        return _load_imagefolder(path, max_examples)
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass a folder (one subfolder per class), a "
+                         f"`save_to_disk` folder or a Hub dataset name")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise ValueError(f"dataset folder {source} does not exist (and it is not a Hub name)")
+    loaded = datasets.load_dataset(source, split=split)
+    origin = f"Hub dataset {source}, split {split!r}"
+    return _load_arrow(loaded, image_column, label_column, max_examples, origin)
+
+
+class _FileImages:
+    """RGB PIL images decoded per item from a list of file paths."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return _open_image(self.paths[index])
+
+
+def _load_imagefolder(root: Path, max_examples: int | None):
+    """Images, (N,) labels, class names and origin text of `root/<class>/<files>`."""
+    paths, labels, class_names = _scan_imagefolder(root)
+    paths, labels = paths[:max_examples], labels[:max_examples]
+    images = _FileImages(paths)
+    _verify(images, lambda index: str(paths[index]))
+    origin = "local imagefolder (one subfolder per class, sorted)"
+    return images, torch.tensor(labels, dtype=torch.int64), class_names, origin
+
+
+def _scan_imagefolder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """Sorted file paths, their labels and the sorted class names; hidden entries skipped."""
+    entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
+    if not entries:
+        raise ValueError(f"image folder {root} is empty; expected one subfolder per class "
+                         f"holding its images (root/<class_name>/<image files>)")
+    problems = [f"{entry}: file outside a class folder; move it into root/<class_name>/ or "
+                f"remove it" for entry in entries if not entry.is_dir()]
+    paths, labels, class_names = [], [], []
+    for folder in (entry for entry in entries if entry.is_dir()):
+        files = sorted(file for file in folder.iterdir() if not file.name.startswith("."))
+        problems += [f"{file}: nested folder inside a class folder; move its images up or "
+                     f"remove it" for file in files if file.is_dir()]
+        if not files:
+            problems.append(f"{folder}: class folder has no images; add images or remove it")
+        labels += [len(class_names)] * len(files)
+        paths += files
+        class_names.append(folder.name)
+    if problems:
+        raise ValueError(f"image folder {root} does not have the layout root/<class_name>/"
+                         f"<image files>:\n  " + "\n  ".join(problems[:MAX_LISTED_PROBLEMS]))
+    return paths, labels, class_names
+
+
+class _ArrowImages:
+    """RGB PIL images decoded per item from a `datasets` image column kept undecoded."""
+
+    def __init__(self, dataset: datasets.Dataset, column: str):
+        self.column = column
+        self.dataset = dataset.select_columns([column]).cast_column(
+            column, datasets.Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        cell = self.dataset[index][self.column]
+        if cell["bytes"] is not None:
+            return _open_image(io.BytesIO(cell["bytes"]))
+        if cell["path"] is not None:
+            return _open_image(cell["path"])
+        raise ValueError("empty image cell")
+
+
+def _load_arrow(dataset: datasets.Dataset, image_column: str, label_column: str,
+                max_examples: int | None, origin: str):
+    """Images, (N,) labels, class names and origin text of a `datasets.Dataset`."""
+    columns = dataset.column_names
+    if image_column == "image" and "image" not in columns and "img" in columns:
+        image_column = "img"
+    for column, flag in ((image_column, "image_column"), (label_column, "label_column")):
+        if column not in columns:
+            raise ValueError(f"column {column!r} not found in the dataset; available columns: "
+                             f"{columns}; pass {flag}=<name>")
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        raise ValueError(f"column {image_column!r} holds {dataset.features[image_column]}, not "
+                         f"images (datasets.Image); pass image_column=<name>")
+    if max_examples is not None:
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    labels, class_names = _arrow_labels(dataset, label_column)
+    images = _ArrowImages(dataset, image_column)
+    _verify(images, lambda index: f"row {index} of column {image_column!r}")
+    return images, labels, class_names, origin
+
+
+def _arrow_labels(dataset: datasets.Dataset, column: str) -> tuple[torch.Tensor, list[str]]:
+    """(N,) int64 labels and class names: from a ClassLabel, else sorted unique values as str."""
+    values = list(dataset[column])
+    missing = [index for index, value in enumerate(values) if value is None]
+    if missing:
+        raise ValueError(f"label column {column!r} is empty in rows {missing[:MAX_LISTED_PROBLEMS]}"
+                         f" ({len(missing)} rows); fill or remove them")
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        bad = [index for index, value in enumerate(values) if not 0 <= value < feature.num_classes]
+        if bad:
+            raise ValueError(f"label column {column!r} has values outside 0..{feature.num_classes - 1}"
+                             f" in rows {bad[:MAX_LISTED_PROBLEMS]} ({len(bad)} rows, e.g. "
+                             f"{values[bad[0]]}); fix or remove them, or pick another label_column")
+        return torch.tensor(values, dtype=torch.int64), list(feature.names)
+    try:
+        unique = sorted(set(values))
+    except TypeError as err:
+        raise ValueError(f"label column {column!r} holds values that cannot be sorted or hashed "
+                         f"({type(values[0]).__name__}); pass label_column=<name>") from err
+    index_of = {value: index for index, value in enumerate(unique)}
+    return (torch.tensor([index_of[value] for value in values], dtype=torch.int64),
+            [str(value) for value in unique])

@@ -1,0 +1,107 @@
+"""DP-SGD for the trainable matrices (LoRA adapters, or selected weights with --no_lora).
+
+One logical step: Poisson-sample each example with probability q (Opacus' samplers; an empty
+batch is a valid step), run it in micro-batches, clip each example's joint gradient over ALL
+trainable parameters to C (``PerSampleClipper``), sum, add N(0, (sigma C)^2) once per step
+across all processes, divide by q N (the expected batch size, not the realised one), and let
+the optimizer (AdamW) step.
+
+Not Opacus' DPOptimizer/DDP wrapper: DDP averages gradients before we could clip, and Opacus'
+distributed optimizer adds noise on every rank and scales by world size; here the clipped sums
+are all-reduced and noised once (``sum_and_add_noise_once``), which is what the accountant assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
+                                          UniformWithReplacementSampler)
+from torch import nn
+
+from .diffusion import EncodedDataset, per_sample_diffusion_loss
+from .noise import sum_and_add_noise_once
+from .per_sample import PerSampleClipper
+
+
+def trainable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Modules owning trainable parameters; all must be nn.Linear (LoRA A/B or selected matrices)."""
+    owners = {}
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{name} ({type(module).__name__}) has trainable parameters; DP-SGD here "
+                                "computes per-sample gradients for nn.Linear modules only")
+            owners[name] = module
+    if not owners:
+        raise ValueError("the model has no trainable parameters: add adapters or unfreeze matrices first")
+    return owners
+
+
+def poisson_sampler(dataset_size: int, sample_rate: float, steps: int, generator: torch.Generator):
+    """Index lists of `steps` logical batches for THIS process (each example included w.p. q).
+
+    Across processes every example belongs to exactly one rank's share; each rank must pass its
+    own independently seeded generator.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return DistributedUniformWithReplacementSampler(
+            total_size=dataset_size, sample_rate=sample_rate, shuffle=False, steps=steps, generator=generator)
+    return UniformWithReplacementSampler(num_samples=dataset_size, sample_rate=sample_rate,
+                                         generator=generator, steps=steps)
+
+
+@dataclass
+class DPSGDSettings:
+    """noise_multiplier sigma (noise std sigma*C on the summed clipped gradient per step),
+    max_grad_norm C (inf = no clipping: the non-private baseline), sample_rate q, dataset_size N,
+    micro_batch_size (examples per forward/backward, memory only: never changes the result)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    dataset_size: int
+    micro_batch_size: int
+
+
+class DPSGDStep:
+    """Computes the private gradient of one logical batch into the trainable parameters' .grad."""
+
+    def __init__(self, unet, noise_scheduler, data: EncodedDataset, settings: DPSGDSettings,
+                 noise_gen: torch.Generator, data_gen: torch.Generator):
+        self.unet, self.noise_scheduler, self.data, self.settings = unet, noise_scheduler, data, settings
+        self.modules = trainable_linears(unet)
+        self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
+        self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm)
+        self.noise_gen, self.data_gen = noise_gen, data_gen
+
+    def clipped_sum(self, indices: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
+        """Sum of jointly clipped per-sample gradients of `indices` (float32) and the summed loss."""
+        sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                for name, p in self.params.items()}
+        loss_sum = 0.0
+        for micro in indices.split(self.settings.micro_batch_size):
+            latents, states = self.data.batch(micro)
+            with self.clipper.capture():
+                loss = per_sample_diffusion_loss(self.unet, self.noise_scheduler, latents, states, self.data_gen)
+                clipped = self.clipper.clipped_sums(loss)
+            for name, value in clipped.sums.items():
+                sums[name] += value
+            loss_sum += float(loss.detach().sum())
+        return sums, loss_sum
+
+    def __call__(self, indices: torch.Tensor) -> float:
+        """Set .grad = (sum of clipped grads + N(0, (sigma C)^2)) / (q N); return this rank's mean loss.
+
+        The loss is computed on sensitive data without noise: it may go to local logs only.
+        """
+        s = self.settings
+        sums, loss_sum = self.clipped_sum(indices)
+        std = s.noise_multiplier * s.max_grad_norm if s.noise_multiplier > 0 else 0.0
+        sums = sum_and_add_noise_once(sums, std, self.noise_gen)
+        expected_batch = s.sample_rate * s.dataset_size
+        for name, p in self.params.items():
+            p.grad = (sums[name] / expected_batch).to(p.dtype)
+        return loss_sum / max(1, len(indices))

@@ -1,0 +1,163 @@
+"""Release of a run: diffusers-format adapter, its configs, report, samples, model card, Hub push.
+
+Everything written here is a DP output (or public): the adapter weights, the selection (noisy
+scores), the privacy report, samples from the adapted model, class prompts. Loss curves and
+anything else computed on sensitive data without noise stay in the run's checkpoint folder.
+``PUBLISHABLE_FILES`` is the allow-list; ``check_publishable`` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import ModelCard, create_repo, upload_folder
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+
+from .accounting import PrivacyReport, write_json_atomic
+from .config import SaliencyLoraConfig
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+PUBLISHABLE_FILES = {LORA_WEIGHTS, "adapter_config.json", "selection.json", "privacy_report.json",
+                     "class_prompts.json", "samples.png", "README.md"}
+
+
+def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Express trained matrix updates exactly as LoRA: A = identity (d_in), B = delta W, alpha = r.
+
+    So DP-SGD without LoRA (--no_lora) is released in the same diffusers format and loads with
+    ``load_lora_weights``. Returns the PEFT-format state dict and the rank/alpha patterns.
+    """
+    state, ranks = {}, {}
+    for name, delta in deltas.items():
+        d_out, d_in = delta.shape
+        state[f"{name}.lora_A.weight"] = torch.eye(d_in, dtype=delta.dtype)
+        state[f"{name}.lora_B.weight"] = delta.detach().cpu().contiguous()
+        ranks[name] = d_in
+    return state, ranks
+
+
+def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
+                 matrix_deltas: dict[str, torch.Tensor] | None = None) -> None:
+    """Write pytorch_lora_weights.safetensors (+ LoraConfig-only metadata) and adapter_config.json.
+
+    unet carries the trained PEFT adapter, unless matrix_deltas (module name -> W_trained - W_public)
+    is given, which is saved as an exact full-rank LoRA. Files are replaced atomically.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if matrix_deltas is None:
+        peft_state = get_peft_model_state_dict(unet)
+        metadata = config.lora_config_dict()
+    else:
+        peft_state, ranks = full_rank_lora_state(matrix_deltas)
+        metadata = SaliencyLoraConfig(
+            r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
+            rank_pattern=ranks, alpha_pattern=ranks).lora_config_dict()
+    state = convert_state_dict_to_diffusers(peft_state)
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
+                                                  unet_lora_adapter_metadata=metadata)
+        config.save_pretrained(tmp)
+        for name in (LORA_WEIGHTS, "adapter_config.json"):
+            os.replace(Path(tmp) / name, output_dir / name)
+
+
+def save_json(output_dir: Path, name: str, payload) -> None:
+    write_json_atomic(str(output_dir / name), payload)
+
+
+def save_image(output_dir: Path, name: str, image: Image.Image) -> None:
+    """Atomic PNG write."""
+    tmp = output_dir / f".{name}.tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, output_dir / name)
+
+
+def check_publishable(output_dir: Path) -> None:
+    """Raise if output_dir holds anything outside the allow-list (it is what gets pushed)."""
+    extra = sorted(p.name for p in Path(output_dir).iterdir() if p.name not in PUBLISHABLE_FILES)
+    if extra:
+        raise RuntimeError(f"{output_dir} holds files that are not known DP outputs: {extra}; "
+                           "move them out before publishing")
+
+
+def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
+               config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
+               repo_id: str | None) -> ModelCard:
+    """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits."""
+    eps = report.epsilon
+    guarantee = (f"({eps['pld']:.3g}, {report.delta:.3g})-DP (PLD accountant; RDP gives epsilon "
+                 f"{eps['rdp']:.3g})" if report.private else "**none: this run is NOT private**")
+    stages = "\n".join(f"| {s['name']} | {s['noise_multiplier']:.4g} | {s['sample_rate']:.4g} | {s['steps']} "
+                       f"| {s['max_grad_norm']:.3g} |" for s in report.stages)
+    load_path = repo_id or "path/to/output_dir"
+    text = f"""---
+base_model: {base_model}
+library_name: diffusers
+license: apache-2.0
+tags: [text-to-image, diffusers, lora, differential-privacy, dp-sapf, peft-dp-saliency]
+inference: false
+---
+# DP-SAPF LoRA adapter for {base_model}
+
+LoRA adapters trained with differential privacy (DP-SAPF: saliency-aware selection of the adapted
+matrices, then DP-SGD) on a sensitive dataset.
+
+## Privacy guarantee
+Guarantee: {guarantee}, for add/remove of one training example, with the dataset size treated as public.
+Everything in this repository (adapter, selection scores, samples, this card) is a post-processing of the
+DP mechanisms below, so it carries the same guarantee. Stages composed by the accountant:
+
+| stage | noise multiplier | sample rate | steps | clipping norm |
+|---|---|---|---|---|
+{stages}
+
+Dataset size N = {report.dataset_size}, delta = {report.delta:.3g}, target epsilon = {report.target_epsilon},
+noise source: {report.noise_source}. Full numbers: `privacy_report.json` (recomputable with any accountant).
+
+## Training data
+{dataset_description}
+
+Class prompts: {", ".join(repr(p) for p in class_prompts)}
+
+## Selected matrices ({config.selection_strategy}, pool {config.candidate_pool}, unit {config.selection_unit}, ratio {config.selection_ratio})
+{selection_table}
+
+LoRA rank {config.r}, alpha {config.lora_alpha}.
+
+## How to load
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.load_lora_weights("{load_path}")
+image = pipe({class_prompts[0]!r}).images[0]
+```
+
+## Samples
+![samples](samples.png)
+
+## Limits
+DP bounds what the released outputs reveal about any one example; it does not make the data
+representative or fair. Synthetic images reflect the biases of the base model and of the data.
+Hyperparameters tuned on the sensitive data outside this run are not covered by the guarantee.
+"""
+    return ModelCard(text)
+
+
+def push_output_dir(output_dir: Path, repo_id: str, token: str | None = None, private: bool = True) -> str:
+    """Create the Hub repo and upload exactly output_dir (after the allow-list check)."""
+    check_publishable(output_dir)
+    repo_id = create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
+    upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
+                  commit_message="DP-SAPF adapter, privacy report and model card")
+    return repo_id
+
+
+def load_class_prompts(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / "class_prompts.json").read_text())

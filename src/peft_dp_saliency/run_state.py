@@ -1,0 +1,114 @@
+"""A run's private working folder: spending ledger, privacy plan, selection, checkpoints.
+
+Lives next to (never inside) the published output_dir. Spending is recorded before each
+mechanism runs, so a crash never refunds budget; a resumed run reuses the plan (sigma, q, delta)
+and the selection, and continues the ledger. Checkpoints are written to a temporary folder and
+renamed, so a half-written checkpoint is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .accounting import SpendingLedger, write_json_atomic
+from .selection import SelectionResult
+
+
+class RunState:
+    """work_dir holds ledger.json, plan.json, selection.json and checkpoint-<step>/ folders."""
+
+    def __init__(self, work_dir: Path, output_dir: Path, resume: str | None = None,
+                 overwrite: bool = False, is_main: bool = True, keep_checkpoints: int = 2):
+        self.work_dir, self.output_dir, self.is_main = Path(work_dir), Path(output_dir), is_main
+        self.resume, self.keep = resume, keep_checkpoints
+        if is_main:
+            self._claim_folders(overwrite)
+        self.ledger = SpendingLedger(str(self.work_dir / "ledger.json")) if is_main else None
+
+    def _claim_folders(self, overwrite: bool) -> None:
+        """Refuse to silently overwrite another run's outputs; check both folders are writable."""
+        used = [d for d in (self.output_dir, self.work_dir) if d.exists() and any(d.iterdir())]
+        if used and not self.resume:
+            if not overwrite:
+                raise SystemExit(f"{', '.join(map(str, used))} already hold(s) a run: pass "
+                                 "--resume_from_checkpoint latest to continue it, --overwrite_output_dir "
+                                 "to replace it, or choose another --output_dir")
+            for folder in used:
+                shutil.rmtree(folder)
+        if self.resume and not (self.work_dir / "ledger.json").exists():
+            raise SystemExit(f"--resume_from_checkpoint: no run to resume in {self.work_dir}")
+        for folder in (self.output_dir, self.work_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise SystemExit(f"{folder} is not writable: choose another folder or fix its permissions")
+
+    def record_spending(self, name: str, noise_multiplier: float, sample_rate: float,
+                        max_grad_norm: float) -> None:
+        """One application of a mechanism, persisted before it runs (main process only)."""
+        if self.ledger is not None:
+            self.ledger.record(name, noise_multiplier, sample_rate, max_grad_norm)
+
+    def plan(self, compute) -> dict:
+        """The privacy plan of this run: loaded when resuming, else compute() and saved."""
+        path = self.work_dir / "plan.json"
+        if self.resume and path.exists():
+            return {k: float(v) if isinstance(v, str) else v for k, v in json.loads(path.read_text()).items()}
+        plan = compute()
+        if self.is_main:
+            write_json_atomic(str(path), {k: (str(v) if v == float("inf") else v) for k, v in plan.items()})
+        return plan
+
+    def selection(self) -> SelectionResult | None:
+        path = self.work_dir / "selection.json"
+        if self.resume and path.exists():
+            return SelectionResult(**json.loads(path.read_text()))
+        return None
+
+    def save_selection(self, selection: SelectionResult) -> None:
+        if self.is_main:
+            write_json_atomic(str(self.work_dir / "selection.json"), selection.to_dict())
+
+    def checkpoints(self) -> list[Path]:
+        found = [p for p in self.work_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self, step: int, model, optimizer, lr_scheduler) -> None:
+        """Trainable parameters (safetensors), optimizer and scheduler state, atomically."""
+        if not self.is_main:
+            return
+        final = self.work_dir / f"checkpoint-{step}"
+        tmp = self.work_dir / f".tmp-checkpoint-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "step": step}, tmp / "training_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old)
+
+    def load_checkpoint(self, model, optimizer, lr_scheduler) -> int:
+        """Restore the latest (or named) checkpoint; returns its step, 0 without one."""
+        if not self.resume:
+            return 0
+        path = self.checkpoints()[-1] if self.resume == "latest" and self.checkpoints() else None
+        if self.resume != "latest":
+            path = Path(self.resume)
+        if path is None:
+            return 0
+        trainable = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        for name, value in trainable.items():
+            params[name].data.copy_(value)
+        saved = torch.load(path / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        return int(saved["step"])

@@ -1,0 +1,143 @@
+"""DP-SAPF's private saliency query: per-matrix noisy gradient norms -> target_modules.
+
+The query (one Gaussian mechanism): per-sample gradients of the diffusion loss over ALL
+candidate matrices, clipped jointly to C, summed, divided by N (sensitivity C/N under
+add/remove with N public), plus N(0, (sigma_s C / N)^2) on every coordinate. Scores and the
+top-ratio choice are post-processing. This module never computes epsilon: the mechanism's
+parameters go into the result for the accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .candidates import block_label, block_order, find_candidates, group_units, matrix_label
+from .config import SaliencyLoraConfig
+from .diffusion import EncodedDataset, per_sample_diffusion_loss
+from .noise import noise_generator, sum_and_add_noise_once
+from .per_sample import PerSampleClipper, frozen_weights_tracked
+
+
+@dataclass
+class SelectionResult:
+    """What the selection released (all DP outputs or data-independent).
+
+    selected: chosen matrix names in model order; units: unit -> member matrices;
+    scores: unit -> noisy score (empty unless strategy 'saliency');
+    mechanism: the query's parameters for the accountant (None when no data was touched).
+    """
+
+    strategy: str
+    pool: str
+    unit: str
+    ratio: float
+    score: str
+    selected: list[str]
+    units: dict[str, list[str]]
+    scores: dict[str, float] = field(default_factory=dict)
+    mechanism: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """Markdown table of selected matrices per block (the paper's Table 7 layout)."""
+        blocks: dict[str, list[str]] = {}
+        for name in self.units_flat():
+            blocks.setdefault(block_label(name), [])
+        for name in self.selected:
+            blocks[block_label(name)].append(matrix_label(name))
+        rows = [f"| {block} | {', '.join(blocks[block]) or '-'} |" for block in sorted(blocks, key=block_order)]
+        header = f"| block | selected ({len(self.selected)}/{len(self.units_flat())} matrices, {self.strategy}) |"
+        return "\n".join([header, "|---|---|", *rows])
+
+    def units_flat(self) -> list[str]:
+        return [name for members in self.units.values() for name in members]
+
+
+def number_selected(num_units: int, ratio: float) -> int:
+    """How many units the top-ratio keeps: round(ratio * U), at least 1."""
+    return max(1, min(num_units, round(ratio * num_units)))
+
+
+@torch.no_grad()
+def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candidates, config,
+                             batch_size: int, show_progress: bool) -> dict[str, torch.Tensor]:
+    """The Gaussian mechanism: (sum_i clip(grad_i)) / N + N(0, (sigma_s C / N)^2) per coordinate."""
+    device = data.latents.device
+    n = len(data)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    clipper = PerSampleClipper(candidates, config.selection_max_grad_norm)
+    sums = {f"{name}.weight": torch.zeros(m.weight.shape, dtype=torch.float32, device=device)
+            for name, m in candidates.items()}
+    data_seed = config.selection_seed if config.selection_seed is not None else torch.seed()
+    data_generator = torch.Generator(device=device).manual_seed(data_seed + rank)
+    shard = torch.arange(rank, n, world, device=device)  # every example exactly once over processes
+    batches = shard.split(batch_size)
+    for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
+        latents, states = data.batch(indices)
+        with torch.enable_grad(), frozen_weights_tracked(candidates), clipper.capture():
+            loss = per_sample_diffusion_loss(unet, noise_scheduler, latents, states, data_generator)
+            clipped = clipper.clipped_sums(loss)
+        for key, value in clipped.sums.items():
+            sums[key] += value
+    std = config.selection_noise_multiplier * config.selection_max_grad_norm
+    noise_seed = config.selection_seed if config.deterministic_noise else None
+    noisy_sums = sum_and_add_noise_once(sums, std, noise_generator(device, noise_seed))
+    return {key[: -len(".weight")]: value / n for key, value in noisy_sums.items()}
+
+
+def unit_scores(noisy: dict[str, torch.Tensor], units: dict[str, list[str]], score: str,
+                noise_std: float) -> dict[str, float]:
+    """Score per unit from the noisy average gradients (noise_std = sigma_s C / N per coordinate)."""
+    out = {}
+    for unit, members in units.items():
+        sq = sum(float(noisy[m].pow(2).sum()) for m in members)
+        size = sum(noisy[m].numel() for m in members)
+        out[unit] = math.sqrt(sq) if score == "norm" else sq - size * noise_std**2
+    return out
+
+
+def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
+                          config: SaliencyLoraConfig, batch_size: int = 32,
+                          show_progress: bool = True) -> SelectionResult:
+    """Choose the adapted matrices and write them into ``config.target_modules``.
+
+    data is needed only for strategy 'saliency'; 'random' and 'all' never touch it.
+    Also stores the result (a dict) in ``config.selection_result``.
+    """
+    candidates = find_candidates(unet, config.candidate_pool)
+    units = group_units(list(candidates), config.selection_unit)
+    k = number_selected(len(units), config.selection_ratio)
+    scores, mechanism = {}, None
+    if config.selection_strategy == "all":
+        chosen_units = list(units)
+    elif config.selection_strategy == "random":
+        seed = config.selection_seed if config.selection_seed is not None else torch.seed()
+        order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen_units = [list(units)[i] for i in sorted(order[:k])]
+    else:
+        if data is None or len(data) == 0:
+            raise ValueError("the saliency strategy needs the sensitive dataset (got none or an empty one)")
+        noisy = _noisy_average_gradients(unet, noise_scheduler, data, candidates, config, batch_size,
+                                         show_progress)
+        noise_std = config.selection_noise_multiplier * config.selection_max_grad_norm / len(data)
+        scores = unit_scores(noisy, units, config.saliency_score, noise_std)
+        top = sorted(scores, key=scores.get, reverse=True)[:k]
+        chosen_units = [u for u in units if u in set(top)]
+        mechanism = {"name": "selection", "noise_multiplier": config.selection_noise_multiplier,
+                     "sample_rate": 1.0, "steps": 1, "max_grad_norm": config.selection_max_grad_norm,
+                     "dataset_size": len(data)}
+    selected = [m for u in chosen_units for m in units[u]]
+    result = SelectionResult(strategy=config.selection_strategy, pool=config.candidate_pool,
+                             unit=config.selection_unit, ratio=config.selection_ratio,
+                             score=config.saliency_score, selected=selected, units=units,
+                             scores=scores, mechanism=mechanism)
+    config.target_modules = selected
+    config.selection_result = result.to_dict()
+    return result
