@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic_dir", type=Path, required=True,
-                   help="examples/synthesize.py output, an imagefolder (root/<class>/...) or a saved dataset.")
+                   help="examples/synthesize.py output, an imagefolder (root/<class>/...) or a "
+                        "saved dataset.")
     p.add_argument("--real", default="fashion-mnist",
                    help="Real data source, as for training: fashion-mnist, a folder or a Hub name.")
     p.add_argument("--real_split", default="test")
@@ -55,7 +56,6 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.manual_seed(args.seed)
     real = load_real(args.real, split=args.real_split, resolution=args.resolution)
     synthetic = load_synthetic(args.synthetic_dir, resolution=args.resolution)
     network = load_feature_network(args.feature_network, args.inception_weights)

@@ -38,13 +38,15 @@ def parse_args(argv=None):
     p.add_argument("--prompts", nargs="+", default=None, help="One prompt per class, same order.")
     p.add_argument("--images_per_class", type=int, default=6000)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--scheduler", choices=["dpm_solver_multistep", "pipeline"], default="dpm_solver_multistep",
+    p.add_argument("--scheduler", choices=["dpm_solver_multistep", "pipeline"],
+                   default="dpm_solver_multistep",
                    help="DPM-Solver multistep, or the scheduler stored with the pipeline.")
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dataset", action="store_true",
-                   help=f"Also save a `datasets` copy (image, label) to output_dir/{synthesis.DATASET_SUBDIR}.")
+                   help=f"Also save a `datasets` copy (image, label) to "
+                        f"output_dir/{synthesis.DATASET_SUBDIR}.")
     p.add_argument("--preview_per_class", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--torch_dtype", choices=sorted(DTYPES), default="float32")
@@ -65,12 +67,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     class_names, prompts = class_prompts(args)
 
-    pipe = load_public_pipeline(args.pretrained_model_name_or_path)
+    pipe = load_public_pipeline(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.torch_dtype])
     if args.lora_dir is not None:
         pipe.load_lora_weights(str(args.lora_dir))
     if args.scheduler == "dpm_solver_multistep":
         use_dpm_solver(pipe)
-    pipe.to(args.device, DTYPES[args.torch_dtype])
+    pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
 
     model = {"pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),

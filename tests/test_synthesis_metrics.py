@@ -134,8 +134,15 @@ def _save_adapter(lora_dir: Path) -> None:
     StableDiffusionPipeline.save_lora_weights(
         lora_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
     (lora_dir / "class_prompts.json").write_text(json.dumps({"class_names": CLASSES, "prompts": PROMPTS}))
-    (lora_dir / "privacy_report.json").write_text(
-        json.dumps({"epsilon": {"rdp": 3.21, "pld": 2.98}, "delta": 1e-5}))
+    _report(private=True).save(str(lora_dir / "privacy_report.json"))
+
+
+def _report(private: bool):
+    from peft_dp_saliency.accounting import PrivacyReport
+
+    epsilon = {"rdp": 3.21, "pld": 2.98} if private else {"rdp": float("inf"), "pld": float("inf")}
+    return PrivacyReport(dataset_size=100, delta=1e-5, epsilon=epsilon, stages=[], target_epsilon=3.0,
+                         accountant="pld", budget_shares={}, private=private)
 
 
 def test_synthesize_script_with_adapter(baseline, tmp_path):
@@ -152,7 +159,7 @@ def test_synthesize_script_with_adapter(baseline, tmp_path):
     assert not any(np.array_equal(a, b) for a, b in zip(adapted, public))  # the adapter was applied
     assert Image.open(output_dir / "preview_grid.png").size == (3 * 64, 2 * 64)  # a row per class, x2
     card = (output_dir / "README.md").read_text()
-    assert "epsilon = 3.21 (RDP accountant), epsilon = 2.98 (PLD accountant), delta = 1e-05" in card
+    assert "(epsilon = 3.21 (RDP accountant), epsilon = 2.98 (PLD accountant), delta = 1e-05)-DP" in card
     saved = datasets.load_from_disk(str(output_dir / "dataset"))
     assert saved.features["label"].names == CLASSES and len(saved) == 6
     assert np.array_equal(np.asarray(saved[3]["image"]), adapted[3])
@@ -161,8 +168,7 @@ def test_synthesize_script_with_adapter(baseline, tmp_path):
 def test_privacy_statement_never_claims_too_much():
     assert "epsilon = 0" in synthesis.privacy_statement(None, None)
     assert "no privacy guarantee" in synthesis.privacy_statement("adapter", None)
-    report = {"epsilon": {"rdp": float("inf"), "pld": float("inf")}, "delta": 1e-5}
-    assert "WITHOUT" in synthesis.privacy_statement("adapter", report)
+    assert "WITHOUT" in synthesis.privacy_statement("adapter", _report(private=False))
 
 
 # Metrics -----------------------------------------------------------------------------------------
@@ -179,7 +185,8 @@ def test_frechet_distance_matches_the_gaussian_closed_form():
 def test_metrics_move_the_right_way(fmnist_test):
     network = RandomCNNFeatures(seed=0)
     half, other_half = (extract_features(network, images) for images in fmnist_test.images.split(200))
-    noise = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randint(0, 256, (200, 3, 32, 32), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
     noise_features = extract_features(network, noise)
 
     assert frechet_distance(half, other_half) < 0.05 * frechet_distance(half, noise_features)

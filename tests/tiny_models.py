@@ -30,3 +30,13 @@ def per_sample_loss(unet, inputs) -> torch.Tensor:
     """(B,) MSE of the UNet's prediction against fixed targets."""
     noisy, t, states, target = inputs
     return (unet(noisy, t, states).sample - target).pow(2).flatten(1).mean(1)
+
+
+def tiny_encoded_data(n: int = 12, classes: int = 3, seed: int = 0):
+    """An EncodedDataset of random latents for the tiny UNet (cross-attention dim 24)."""
+    from peft_dp_saliency.diffusion import EncodedDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return EncodedDataset(latents=torch.randn(n, 4, 8, 8, generator=g),
+                          labels=torch.arange(n) % classes,
+                          prompt_embeds=torch.randn(classes, 5, 24, generator=g))

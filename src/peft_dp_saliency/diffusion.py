@@ -59,17 +59,27 @@ def encode_dataset(pipe, dataset, batch_size: int = 64, show_progress: bool = Tr
                           prompt_embeds=encode_prompts(pipe, list(dataset.prompts)))
 
 
-def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor,
-                              encoder_hidden_states: torch.Tensor,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) denoising loss, one random timestep and noise per example.
+def draw_diffusion_inputs(num_examples: int, latent_shape: tuple[int, ...], noise_scheduler,
+                          generator: torch.Generator | None, device, dtype=torch.float32):
+    """Per-example randomness of the loss: noise (B, *latent_shape) and timesteps (B,).
 
-    latents: (B, C, h, w); encoder_hidden_states: (B, T, D). Target is the noise or the velocity
-    depending on the scheduler's prediction_type, as in diffusers' training scripts.
+    Drawn once per logical batch, then sliced per micro-batch, so the micro-batch size never
+    changes the result.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
+    noise = torch.randn((num_examples, *latent_shape), generator=generator, device=device, dtype=dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (num_examples,),
+                              generator=generator, device=device)
+    return noise, timesteps
+
+
+def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor,
+                              encoder_hidden_states: torch.Tensor, noise: torch.Tensor,
+                              timesteps: torch.Tensor) -> torch.Tensor:
+    """(B,) denoising loss of each example at its own timestep and noise.
+
+    latents, noise: (B, C, h, w); encoder_hidden_states: (B, T, D); timesteps: (B,). Target is the
+    noise or the velocity depending on the scheduler's prediction_type, as in diffusers' scripts.
+    """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise

@@ -1,6 +1,6 @@
 """DP-SGD for the trainable matrices (LoRA adapters, or selected weights with --no_lora).
 
-One logical step: Poisson-sample each example with probability q (Opacus' samplers; an empty
+One logical step: Poisson-sample each example with probability q (``PoissonSampler``; an empty
 batch is a valid step), run it in micro-batches, clip each example's joint gradient over ALL
 trainable parameters to C (``PerSampleClipper``), sum, add N(0, (sigma C)^2) once per step
 across all processes, divide by q N (the expected batch size, not the realised one), and let
@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from opacus.utils.uniform_sampler import (DistributedUniformWithReplacementSampler,
-                                          UniformWithReplacementSampler)
 from torch import nn
 
-from .diffusion import EncodedDataset, per_sample_diffusion_loss
+from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
 from .noise import sum_and_add_noise_once
 from .per_sample import PerSampleClipper
 
@@ -40,17 +38,60 @@ def trainable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return owners
 
 
-def poisson_sampler(dataset_size: int, sample_rate: float, steps: int, generator: torch.Generator):
-    """Index lists of `steps` logical batches for THIS process (each example included w.p. q).
+class PoissonSampler:
+    """This process's logical batches: `steps` index tensors (int64), each possibly empty.
 
-    Across processes every example belongs to exactly one rank's share; each rank must pass its
-    own independently seeded generator.
+    Rank r of W owns examples r, r + W, r + 2W, ... (the shards partition range(N)); every step
+    each owned example is included independently with probability q, so over all ranks every
+    example is included independently w.p. q: one Poisson-sampled batch of the whole dataset.
+
+    Not Opacus' DistributedUniformWithReplacementSampler: it skips a rank's step when that
+    rank's share is empty, so ranks fall out of step (a hang at the next all-reduce) and fewer
+    steps run than were accounted. Here every rank yields every step, empty or not.
     """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return DistributedUniformWithReplacementSampler(
-            total_size=dataset_size, sample_rate=sample_rate, shuffle=False, steps=steps, generator=generator)
-    return UniformWithReplacementSampler(num_samples=dataset_size, sample_rate=sample_rate,
-                                         generator=generator, steps=steps)
+
+    def __init__(self, dataset_size: int, sample_rate: float, steps: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1):
+        if dataset_size < 1 or not 0 < sample_rate <= 1 or steps < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"invalid Poisson sampler: N={dataset_size}, q={sample_rate}, steps={steps}, "
+                             f"rank={rank}, world_size={world_size}")
+        self.shard = torch.arange(rank, dataset_size, world_size)
+        self.sample_rate, self.steps, self.generator = sample_rate, steps, generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
+            yield self.shard[mask]
+
+
+def poisson_sampler(dataset_size: int, sample_rate: float, steps: int,
+                    generator: torch.Generator) -> PoissonSampler:
+    """The Poisson sampler of THIS process (rank and world size from torch.distributed, if initialised).
+
+    Each rank must pass its own independently seeded generator.
+    """
+    rank, world = _rank_and_world()
+    return PoissonSampler(dataset_size, sample_rate, steps, generator, rank, world)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_trainable(model: nn.Module) -> None:
+    """Copy the main process's trainable parameters to every replica (e.g. after random LoRA init).
+
+    Replicas then stay identical: each step applies the same all-reduced noisy gradient.
+    """
+    if _rank_and_world()[1] > 1:
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
 
 
 @dataclass
@@ -82,10 +123,15 @@ class DPSGDStep:
         sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 for name, p in self.params.items()}
         loss_sum = 0.0
-        for micro in indices.split(self.settings.micro_batch_size):
+        latents_all = self.data.latents
+        noise, timesteps = draw_diffusion_inputs(len(indices), latents_all.shape[1:], self.noise_scheduler,
+                                                 self.data_gen, latents_all.device, latents_all.dtype)
+        size = self.settings.micro_batch_size
+        for start, micro in zip(range(0, len(indices), size), indices.split(size)):
             latents, states = self.data.batch(micro)
             with self.clipper.capture():
-                loss = per_sample_diffusion_loss(self.unet, self.noise_scheduler, latents, states, self.data_gen)
+                loss = per_sample_diffusion_loss(self.unet, self.noise_scheduler, latents, states,
+                                                 noise[start:start + size], timesteps[start:start + size])
                 clipped = self.clipper.clipped_sums(loss)
             for name, value in clipped.sums.items():
                 sums[name] += value

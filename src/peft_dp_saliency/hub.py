@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from .config import SaliencyLoraConfig
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PUBLISHABLE_FILES = {LORA_WEIGHTS, "adapter_config.json", "selection.json", "privacy_report.json",
                      "class_prompts.json", "samples.png", "README.md"}
+STAGING_DIR = ".release-staging"
 
 
 def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,7 +63,7 @@ def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
             r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
             rank_pattern=ranks, alpha_pattern=ranks).lora_config_dict()
     state = convert_state_dict_to_diffusers(peft_state)
-    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-adapter-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
                                                   unet_lora_adapter_metadata=metadata)
         config.save_pretrained(tmp)
@@ -75,8 +78,33 @@ def save_json(output_dir: Path, name: str, payload) -> None:
 def save_image(output_dir: Path, name: str, image: Image.Image) -> None:
     """Atomic PNG write."""
     tmp = output_dir / f".{name}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, output_dir / name)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, output_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_release(output_dir: Path):
+    """Yield a hidden staging folder inside output_dir; on success move its files into output_dir.
+
+    All outputs of a release are written to the staging folder first and checked against the
+    allow-list; only a complete, publishable set is moved in (renames, no data copied). On any
+    error (disk full, a crash in the sample generation, ...) the staging folder is deleted and
+    output_dir is left as it was: never a half-written adapter or a partial release.
+    """
+    staging = Path(output_dir) / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)  # left over by a killed release
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        check_publishable(staging)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, Path(output_dir) / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_publishable(output_dir: Path) -> None:

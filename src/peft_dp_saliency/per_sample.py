@@ -142,17 +142,19 @@ class _LayerGrad:
 
 
 @contextmanager
-def frozen_weights_tracked(modules: dict[str, nn.Linear]):
-    """Let frozen modules' outputs carry a graph (weights require grad) without ever filling .grad.
+def frozen_weights_tracked(model: nn.Module, modules: dict[str, nn.Linear]):
+    """Freeze `model` except the weights of `modules`, whose outputs then carry a graph.
 
-    Only :meth:`PerSampleClipper.clipped_sums` differentiates, and it asks autograd for gradients
-    of the module outputs alone, so the weights' .grad stays None.
+    The mechanism covers exactly these weight matrices (no biases, nothing else). .grad is never
+    filled: :meth:`PerSampleClipper.clipped_sums` asks autograd for the module outputs' gradients
+    only. requires_grad flags are restored on exit.
     """
-    previous = {name: m.weight.requires_grad for name, m in modules.items()}
+    previous = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
     for module in modules.values():
         module.weight.requires_grad_(True)
     try:
         yield
     finally:
-        for name, module in modules.items():
-            module.weight.requires_grad_(previous[name])
+        for param, flag in previous.items():
+            param.requires_grad_(flag)

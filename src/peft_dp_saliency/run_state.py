@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ class RunState:
                  overwrite: bool = False, is_main: bool = True, keep_checkpoints: int = 2):
         self.work_dir, self.output_dir, self.is_main = Path(work_dir), Path(output_dir), is_main
         self.resume, self.keep = resume, keep_checkpoints
+        self.created: list[Path] = []  # folders this run created (removed again if it fails unspent)
         if is_main:
             self._claim_folders(overwrite)
         self.ledger = SpendingLedger(str(self.work_dir / "ledger.json")) if is_main else None
@@ -44,9 +46,27 @@ class RunState:
         if self.resume and not (self.work_dir / "ledger.json").exists():
             raise SystemExit(f"--resume_from_checkpoint: no run to resume in {self.work_dir}")
         for folder in (self.output_dir, self.work_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-            if not os.access(folder, os.W_OK):
-                raise SystemExit(f"{folder} is not writable: choose another folder or fix its permissions")
+            try:
+                if not folder.exists():
+                    folder.mkdir(parents=True)
+                    self.created.append(folder)
+                _probe_write(folder)  # os.access is no proof (root, read-only mounts, ACLs)
+            except OSError as error:
+                self.discard_if_unspent()
+                raise SystemExit(f"{folder} is not writable ({error.strerror or error}): choose another "
+                                 "folder or fix its permissions") from None
+
+    def spent(self) -> bool:
+        """Whether any mechanism has been recorded (by this run or the one it resumes)."""
+        return (self.work_dir / "ledger.json").exists()
+
+    def discard_if_unspent(self) -> None:
+        """After a failure before any spending: remove the folders this run created, leaving no trace."""
+        if self.is_main and not self.spent():
+            (self.work_dir / "plan.json").unlink(missing_ok=True)
+            for folder in reversed(self.created):
+                shutil.rmtree(folder, ignore_errors=True)
+            self.created = []
 
     def record_spending(self, name: str, noise_multiplier: float, sample_rate: float,
                         max_grad_norm: float) -> None:
@@ -86,10 +106,14 @@ class RunState:
         tmp = self.work_dir / f".tmp-checkpoint-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "step": step}, tmp / "training_state.pt")
+        try:
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                        "step": step}, tmp / "training_state.pt")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in self.checkpoints()[:-self.keep]:
@@ -112,3 +136,10 @@ class RunState:
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
         return int(saved["step"])
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and delete a file in `folder`: raises OSError if it cannot be written."""
+    handle, path = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    os.close(handle)
+    os.remove(path)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .candidates import block_label, block_order, find_candidates, group_units, matrix_label
 from .config import SaliencyLoraConfig
-from .diffusion import EncodedDataset, per_sample_diffusion_loss
+from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
 
@@ -81,8 +81,10 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     batches = shard.split(batch_size)
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
         latents, states = data.batch(indices)
-        with torch.enable_grad(), frozen_weights_tracked(candidates), clipper.capture():
-            loss = per_sample_diffusion_loss(unet, noise_scheduler, latents, states, data_generator)
+        noise, timesteps = draw_diffusion_inputs(len(indices), latents.shape[1:], noise_scheduler,
+                                                 data_generator, device, latents.dtype)
+        with torch.enable_grad(), frozen_weights_tracked(unet, candidates), clipper.capture():
+            loss = per_sample_diffusion_loss(unet, noise_scheduler, latents, states, noise, timesteps)
             clipped = clipper.clipped_sums(loss)
         for key, value in clipped.sums.items():
             sums[key] += value

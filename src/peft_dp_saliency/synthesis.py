@@ -19,7 +19,6 @@ uninterrupted one (a different `batch_size` only changes floating-point rounding
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -102,6 +101,8 @@ def synthesize(pipe, class_names: list[str], prompts: list[str], output_dir: str
     """
     if len(class_names) != len(prompts):
         raise ValueError(f"{len(class_names)} class names but {len(prompts)} prompts")
+    if images_per_class < 1:
+        raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     folders = class_folders(class_names)
@@ -163,33 +164,38 @@ def to_dataset(paths: dict[str, list[Path]]):
                                         for _ in paths[name]]}, features=features)
 
 
-def read_privacy_report(lora_dir: str | Path | None) -> dict | None:
-    """The adapter folder's privacy_report.json ({"epsilon": {"rdp", "pld"}, "delta", ...}) or None."""
+def read_privacy_report(lora_dir: str | Path | None):
+    """The adapter folder's privacy_report.json as an `accounting.PrivacyReport`, or None."""
     if lora_dir is None or not (Path(lora_dir) / PRIVACY_REPORT_FILE).exists():
         return None
-    return json.loads((Path(lora_dir) / PRIVACY_REPORT_FILE).read_text())
+    from .accounting import PrivacyReport
+
+    return PrivacyReport.load(str(Path(lora_dir) / PRIVACY_REPORT_FILE))
 
 
-def privacy_statement(lora_dir: str | Path | None, report: dict | None) -> str:
-    """Markdown paragraph on what the synthetic images may reveal about the sensitive data."""
+def privacy_statement(lora_dir: str | Path | None, report) -> str:
+    """Markdown paragraph on what the synthetic images may reveal about the sensitive data.
+
+    `report` is the adapter's `PrivacyReport` (None if it has none).
+    """
     if lora_dir is None:
-        return ("No adapter was used: the images come from the public model alone and the class prompts, "
-                "so they reveal nothing about any sensitive dataset (epsilon = 0).")
+        return ("No adapter was used: the images come from the public model and the class prompts alone "
+                "(class names are treated as public), so they reveal nothing about any sensitive images "
+                "(epsilon = 0).")
     if report is None:
         return (f"The adapter `{lora_dir}` has no `{PRIVACY_REPORT_FILE}`: no privacy guarantee can be "
                 "stated for these images. Do not share them unless the adapter's training was private.")
-    epsilon, delta = report.get("epsilon") or {}, report.get("delta")
-    values = [value for value in epsilon.values() if value is not None]
-    if not values or any(math.isinf(float(value)) for value in values):
-        return ("The adapter was trained WITHOUT a finite differential-privacy guarantee "
-                f"(epsilon = {epsilon}): these images may reveal sensitive training data.")
-    bounds = ", ".join(f"epsilon = {float(value):.4g} ({name.upper()} accountant)"
-                       for name, value in epsilon.items() if value is not None)
+    if not report.private:
+        return (f"The adapter was trained WITHOUT a differential-privacy guarantee (epsilon = "
+                f"{report.epsilon}, noise: {report.noise_source}): these images may reveal sensitive "
+                "training data.")
+    bounds = ", ".join(f"epsilon = {value:.4g} ({name.upper()} accountant)"
+                       for name, value in report.epsilon.items())
     return ("Only differentially private outputs were used to make these images: the public model, the "
             "DP-trained LoRA adapter, the class prompts and a public seed. By the post-processing property "
-            f"of differential privacy the whole synthetic set satisfies ({bounds}, delta = {delta})-DP "
-            "with respect to the sensitive training images, the same guarantee as the adapter, and can "
-            "be shared under it.")
+            f"of differential privacy the whole synthetic set satisfies ({bounds}, "
+            f"delta = {report.delta:.3g})-DP for the sensitive training set (adjacency: {report.adjacency}), "
+            "the same guarantee as the adapter, and can be shared under it.")
 
 
 def write_dataset_card(output_dir: str | Path, config: dict, statement: str) -> Path:

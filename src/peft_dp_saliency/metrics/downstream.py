@@ -85,7 +85,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, generator: torch.Gen
 
 
 def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image (B, C, H, W) translated by up to H/8, W/8 pixels (reflection padding)."""
+    """Each image (B, C, H, W) shifted by up to max(1, H // 8) pixels per axis (reflection padding)."""
     n, _, height, width = images.shape
     pad = max(1, height // 8)
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")

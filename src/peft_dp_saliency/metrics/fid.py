@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.linalg
 import torch
 
 
-def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D) with N >= 2."""
     if len(features) < 2:
         raise ValueError(f"need at least 2 feature vectors for a covariance, got {len(features)}")
-    values = features.double().cpu().numpy()
-    return values.mean(axis=0), np.cov(values, rowvar=False)
+    values = features.double()
+    return values.mean(dim=0), torch.cov(values.T)
 
 
 def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
@@ -23,7 +21,6 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     """
     mean_a, cov_a = gaussian_statistics(features_a)
     mean_b, cov_b = gaussian_statistics(features_b)
-    eigenvalues = scipy.linalg.eigvals(cov_a @ cov_b)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0.0, None)).sum()
-    distance = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt
-    return float(max(distance, 0.0))
+    trace_sqrt = torch.linalg.eigvals(cov_a @ cov_b).real.clamp(min=0).sqrt().sum()
+    distance = (mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * trace_sqrt
+    return max(distance.item(), 0.0)

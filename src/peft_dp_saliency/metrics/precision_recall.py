@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def knn_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> torch.Tensor:
+def knn_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 256) -> torch.Tensor:
     """(N,) distance of each of the N points (N, D) to its k-th nearest other point."""
     if len(features) <= k:
         raise ValueError(f"need more than k={k} points for k-nearest-neighbour radii, got {len(features)}")
@@ -21,7 +21,7 @@ def knn_radii(features: torch.Tensor, k: int = 3, chunk_size: int = 1024) -> tor
 
 
 def fraction_in_manifold(points: torch.Tensor, reference: torch.Tensor, radii: torch.Tensor,
-                         chunk_size: int = 1024) -> float:
+                         chunk_size: int = 256) -> float:
     """Fraction of points (M, D) within radii[j] of some reference[j] (reference (N, D), radii (N,))."""
     inside = [(torch.cdist(points[start:start + chunk_size], reference) <= radii).any(dim=1)
               for start in range(0, len(points), chunk_size)]
