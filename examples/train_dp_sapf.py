@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -28,10 +31,11 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from peft_dp_saliency import accounting, hub
+from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.config import SaliencyLoraConfig
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.diffusion import encode_dataset
-from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, poisson_sampler
+from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
@@ -104,22 +108,52 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    """Errors that need no data: raised before anything is read."""
+    """Errors that need no data: raised before anything is read or written."""
     problems = []
     if math.isnan(args.target_epsilon) or args.target_epsilon <= 0:
         problems.append(f"--target_epsilon must be > 0 (or inf for non-private), got {args.target_epsilon}")
+    if args.target_delta is not None and not 0 < args.target_delta < 1:
+        problems.append(f"--target_delta must be in (0, 1) (and < 1/N), got {args.target_delta}")
     if not 0 < args.selection_ratio <= 1:
         problems.append(f"--selection_ratio must be in (0, 1], got {args.selection_ratio}")
     for flag in ("max_grad_norm", "expected_batch_size", "train_batch_size", "max_train_steps", "rank",
-                 "learning_rate", "selection_batch_size"):
+                 "learning_rate", "selection_batch_size", "selection_noise_multiplier",
+                 "selection_max_grad_norm", "checkpointing_steps", "num_validation_images"):
         if not getattr(args, flag) > 0:
             problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.max_train_samples is not None and args.max_train_samples < 2:
+        problems.append(f"--max_train_samples must be >= 2, got {args.max_train_samples}")
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if args.dataset_name and args.train_data_dir:
         problems.append("give either --dataset_name or --train_data_dir, not both")
     if problems:
-        raise SystemExit("invalid arguments:\n  " + "\n  ".join(problems))
+        raise SystemExit("invalid arguments: " + "\n  ".join(problems))
+
+
+def check_model_folder(path: str) -> None:
+    """A local --pretrained_model_name_or_path must be a diffusers Stable Diffusion folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise SystemExit(f"--pretrained_model_name_or_path {path} does not exist (and is not a Hub model id)")
+        return  # a Hub model id: from_pretrained reports what is wrong with it
+    missing = [name for name in ("model_index.json", "unet/config.json", "vae/config.json",
+                                 "text_encoder/config.json", "scheduler/scheduler_config.json")
+               if not (folder / name).is_file()]
+    if missing or not (folder / "tokenizer").is_dir():
+        raise SystemExit(f"--pretrained_model_name_or_path {path} is not a diffusers Stable Diffusion folder "
+                         f"(missing {', '.join(missing) or 'tokenizer/'}): pass a folder saved with "
+                         "StableDiffusionPipeline.save_pretrained or a Hub model id")
+
+
+@contextmanager
+def input_errors(what: str):
+    """Turn the library's input errors during setup (before any spending) into a one-line exit."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"{what}: {error}") from error
 
 
 def plan_privacy(args, n: int) -> dict:
@@ -128,52 +162,86 @@ def plan_privacy(args, n: int) -> dict:
         raise SystemExit(f"--expected_batch_size {args.expected_batch_size} exceeds the dataset size {n}: "
                          "lower it (the sampling rate q = batch / N must be <= 1)")
     delta = args.target_delta if args.target_delta is not None else accounting.default_delta(n)
-    accounting.check_delta(delta, n)
+    with input_errors("--target_delta"):
+        accounting.check_delta(delta, n)
     q = args.expected_batch_size / n
     private = math.isfinite(args.target_epsilon)
     selection = []
     if args.selection_strategy == "saliency":
         selection = [accounting.selection_stage(args.selection_noise_multiplier, args.selection_max_grad_norm)]
-    sigma = accounting.calibrate_noise_multiplier(
-        args.target_epsilon, delta, q, args.max_train_steps, fixed_stages=selection,
-        accountant=args.accountant, dataset_size=n) if private else 0.0
+    with input_errors("--target_epsilon"):
+        sigma = accounting.calibrate_noise_multiplier(
+            args.target_epsilon, delta, q, args.max_train_steps, fixed_stages=selection,
+            accountant=args.accountant, dataset_size=n) if private else 0.0
     return {"delta": delta, "sample_rate": q, "noise_multiplier": sigma, "dataset_size": n,
             "max_grad_norm": args.max_grad_norm if private else math.inf}
+
+
+def make_accelerator(args, work_dir: Path) -> Accelerator:
+    """The Accelerator; several processes without a GPU run on CPU with gloo.
+
+    `accelerate launch --multi_gpu --num_processes 2` (or torchrun) on a CPU-only machine starts a
+    process group that accelerate does not recognise unless cpu=True, so every process would act
+    as the main one; we pass cpu=True there and check that accelerate sees all processes.
+    """
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              project_dir=str(work_dir))
+    if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+        raise SystemExit(f"{dist.get_world_size()} processes are running but accelerate sees "
+                         f"{accelerator.num_processes}: launch with `accelerate launch --multi_gpu "
+                         "--num_processes K` (CPU: gloo) or torchrun")
+    return accelerator
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    check_model_folder(args.pretrained_model_name_or_path)
     output_dir = Path(args.output_dir)
     work_dir = Path(args.checkpoint_dir or f"{args.output_dir.rstrip('/')}-work")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=args.report_to,
-                              project_dir=str(work_dir))
+    accelerator = make_accelerator(args, work_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = RunState(work_dir, output_dir, resume=args.resume_from_checkpoint,
                      overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process)
+    try:
+        train(args, accelerator, state, output_dir)
+    except BaseException:
+        state.discard_if_unspent()  # a failure before any spending leaves no trace
+        raise
+
+
+def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> None:
     if args.seed is not None:
         set_seed(args.seed)
 
-    dataset = load_sensitive_dataset(
-        args.train_data_dir or args.dataset_name, resolution=args.resolution or _vae_resolution(args),
-        image_column=args.image_column, label_column=args.label_column,
-        prompt_template=args.prompt_template, max_examples=args.max_train_samples)
-    plan = state.plan(lambda: plan_privacy(args, len(dataset)))
+    # Setup: every input error surfaces here, before the ledger records any spending.
+    with input_errors("cannot load the sensitive dataset"):
+        dataset = load_sensitive_dataset(
+            args.train_data_dir or args.dataset_name, resolution=args.resolution or _vae_resolution(args),
+            image_column=args.image_column, label_column=args.label_column,
+            prompt_template=args.prompt_template, max_examples=args.max_train_samples)
+    if len(dataset) < 2:
+        raise SystemExit(f"the sensitive dataset has {len(dataset)} example(s); DP training needs at least 2")
+    plan = broadcast_object_list([state.plan(lambda: plan_privacy(args, len(dataset)))])[0]
     logger.info("N=%d q=%.4g sigma=%.4g delta=%.3g over %d steps", len(dataset), plan["sample_rate"],
                 plan["noise_multiplier"], plan["delta"], args.max_train_steps)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                   variant=args.variant, torch_dtype=weight_dtype,
-                                                   safety_checker=None, requires_safety_checker=False)
+    with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
+        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                       variant=args.variant, torch_dtype=weight_dtype,
+                                                       safety_checker=None, requires_safety_checker=False)
+        noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                        revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.requires_grad_(False)
     pipe.to(accelerator.device)  # before adding adapters (opacus#820-style device mismatches)
     unet = pipe.unet
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                    revision=args.revision)
+    with input_errors("--candidate_pool"):
+        find_candidates(unet, args.candidate_pool)
     data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
                           show_progress=accelerator.is_local_main_process)
     data_seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
@@ -214,6 +282,7 @@ def main(argv=None):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
     start_step = state.load_checkpoint(unet, optimizer, lr_scheduler)
+    broadcast_trainable(unet)  # replicas start identical (random LoRA init) and stay so
 
     settings = DPSGDSettings(noise_multiplier=plan["noise_multiplier"], max_grad_norm=plan["max_grad_norm"],
                              sample_rate=plan["sample_rate"], dataset_size=len(data),
@@ -245,10 +314,17 @@ def main(argv=None):
     unet.eval()
 
     if accelerator.is_main_process:
+        stages = state.ledger.stages()
+        recorded = sum(stage.steps for stage in stages if stage.name == accounting.DP_SGD)
         report = accounting.PrivacyReport.build(
-            state.ledger.stages(), dataset_size=len(data), delta=plan["delta"],
+            stages, dataset_size=len(data), delta=plan["delta"],
             target_epsilon=args.target_epsilon, accountant=args.accountant,
-            deterministic_noise=args.deterministic_noise)
+            deterministic_noise=args.deterministic_noise,
+            extra={"planned_dp_sgd_steps": args.max_train_steps, "recorded_dp_sgd_steps": recorded})
+        if report.epsilon[args.accountant] > args.target_epsilon:
+            logger.warning("this run spent epsilon %.4g > target %.4g: %d DP-SGD steps touched the data "
+                           "(planned %d; steps lost in a crash after the last checkpoint still count)",
+                           report.epsilon[args.accountant], args.target_epsilon, recorded, args.max_train_steps)
         deltas = ({n: unet.get_submodule(n).weight.detach().float() - w.float()
                    for n, w in public_weights.items()} if args.no_lora else None)
         release(args, output_dir, pipe, config, selection, report, dataset, deltas)
@@ -257,20 +333,25 @@ def main(argv=None):
 
 
 def release(args, output_dir, pipe, config, selection: SelectionResult, report, dataset, deltas) -> None:
-    """Write the publishable outputs (all DP or public), then push if asked."""
-    hub.save_adapter(output_dir, pipe.unet, config, matrix_deltas=deltas)
-    hub.save_json(output_dir, "selection.json", selection.to_dict())
-    report.save(str(output_dir / "privacy_report.json"))
-    hub.save_json(output_dir, "class_prompts.json",
-                  {"class_names": dataset.class_names, "prompts": dataset.prompts})
-    prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
-    use_dpm_solver(pipe)
-    grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
-    hub.save_image(output_dir, "samples.png", grid)
-    card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
-                          selection.table(), dataset.prompts, args.hub_model_id)
-    card.save(str(output_dir / "README.md"))
-    hub.check_publishable(output_dir)
+    """Write the publishable outputs (all DP or public) all-or-nothing, then push if asked."""
+    try:
+        with hub.staged_release(output_dir) as staging:
+            hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas)
+            hub.save_json(staging, "selection.json", selection.to_dict())
+            report.save(str(staging / "privacy_report.json"))
+            hub.save_json(staging, "class_prompts.json",
+                          {"class_names": dataset.class_names, "prompts": dataset.prompts})
+            prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
+            use_dpm_solver(pipe)
+            grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
+            hub.save_image(staging, "samples.png", grid)
+            card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
+                                  selection.table(), dataset.prompts, args.hub_model_id)
+            card.save(str(staging / "README.md"))
+    except OSError as error:
+        raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "
+                         "privacy budget is spent (ledger kept): fix the cause and rerun with "
+                         "--resume_from_checkpoint latest to write them without spending more") from error
     logger.info("epsilon: PLD %.4g, RDP %.4g at delta %.3g; outputs in %s", report.epsilon["pld"],
                 report.epsilon["rdp"], report.delta, output_dir)
     if args.push_to_hub:

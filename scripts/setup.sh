@@ -17,6 +17,9 @@ if [ -n "$missing" ]; then
 fi
 
 PY=${PYTHON:-python3}
+if ! "$PY" -m venv --help >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv

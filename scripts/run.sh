@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, set-up included: DP-SAPF fine-tuning of the embedded public
+# model on Fashion-MNIST at (epsilon=10, delta=1/(N ln N)), then a small labelled synthetic set.
+# Extra arguments go to examples/train_dp_sapf.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+OUT=${OUT:-outputs/dp-sapf-fashion-mnist}
+if [ ! -f "$OUT/privacy_report.json" ]; then
+  # an interrupted run is resumed (its spent budget stays counted), never silently restarted
+  if [ -f "$OUT-work/ledger.json" ]; then continue_flag="--resume_from_checkpoint latest"; else continue_flag=""; fi
+  .venv/bin/accelerate launch --num_processes 1 --cpu examples/train_dp_sapf.py \
+    --output_dir "$OUT" $continue_flag "$@"
+fi
+.venv/bin/python examples/synthesize.py --lora_dir "$OUT" --output_dir "$OUT-synthetic" --images_per_class 20
+echo "adapter, privacy report, model card and samples: $OUT/ ; synthetic images: $OUT-synthetic/"
