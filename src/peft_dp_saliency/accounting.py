@@ -63,7 +63,8 @@ class Stage:
     noise_multiplier: noise std divided by the L2 sensitivity of the summed query (unitless).
     sample_rate: Poisson sampling probability q of each example per step (1 = whole dataset).
     steps: number of applications (0 = the stage did not touch the data).
-    max_grad_norm: clipping norm C of the query (recorded; epsilon does not depend on it).
+    max_grad_norm: clipping norm C of the query (recorded; epsilon does not depend on it);
+        inf (no clipping) is allowed only with noise_multiplier 0, a non-private stage.
     """
 
     name: str
@@ -80,11 +81,16 @@ class Stage:
                 f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
         check_sample_rate(self.sample_rate)
         check_steps(self.steps)
-        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise ValueError(f"max_grad_norm must be finite and > 0, got {self.max_grad_norm}")
+        if not (self.max_grad_norm > 0 and (math.isfinite(self.max_grad_norm)
+                                            or self.noise_multiplier == 0)):
+            raise ValueError(f"max_grad_norm must be finite and > 0 (inf only for a stage without "
+                             f"noise, i.e. non-private), got {self.max_grad_norm}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready (an infinite max_grad_norm, i.e. no clipping, is written as "inf")."""
+        data = asdict(self)
+        data["max_grad_norm"] = _float_to_json(self.max_grad_norm)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Stage":

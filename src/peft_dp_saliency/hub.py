@@ -123,7 +123,7 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
     guarantee = (f"({eps['pld']:.3g}, {report.delta:.3g})-DP (PLD accountant; RDP gives epsilon "
                  f"{eps['rdp']:.3g})" if report.private else "**none: this run is NOT private**")
     stages = "\n".join(f"| {s['name']} | {s['noise_multiplier']:.4g} | {s['sample_rate']:.4g} | {s['steps']} "
-                       f"| {s['max_grad_norm']:.3g} |" for s in report.stages)
+                       f"| {float(s['max_grad_norm']):.3g} |" for s in report.stages)
     load_path = repo_id or "path/to/output_dir"
     text = f"""---
 base_model: {base_model}

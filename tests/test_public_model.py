@@ -1,0 +1,46 @@
+"""The embedded public model: loads offline, generates, has an SD-like candidate pool."""
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from peft_dp_saliency.candidates import find_candidates
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+from peft_dp_saliency.public_model.corpus import SYNONYMS, caption_stems
+
+
+def test_weights_are_small_safetensors():
+    files = list(Path(EMBEDDED_MODEL_PATH).rglob("*"))
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert {f.parent.name for f in weights} == {"unet", "vae", "text_encoder"}
+    assert sum(f.stat().st_size for f in files if f.is_file()) < 50e6
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]
+
+
+def test_loads_with_from_pretrained_and_generates(public_pipe):
+    assert isinstance(public_pipe, StableDiffusionPipeline)
+    out = public_pipe(["an image of a t-shirt", "an image of a handbag"], num_inference_steps=4,
+                      guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    images = out.images
+    assert images.shape == (2, 32, 32, 3)
+    assert 0 <= images.min() and images.max() <= 1 and images.std() > 0.01
+    assert abs(images[0] - images[1]).mean() > 1e-3  # the prompt matters
+
+
+def test_candidate_pool_has_depth_structure(public_pipe):
+    names = list(find_candidates(public_pipe.unet))
+    assert len(names) >= 30
+    assert any(n.startswith("down_blocks") for n in names) and any(n.startswith("up_blocks") for n in names)
+    assert any(n.startswith("mid_block") for n in names)
+    assert any("attn2" in n for n in names)  # cross-attention
+
+
+def test_tokenizer_keeps_prompt_words(public_pipe):
+    tokens = public_pipe.tokenizer.tokenize("an image of a sneaker")
+    assert "sneaker</w>" in tokens
+
+
+def test_captions_come_from_unicode_names():
+    assert caption_stems("ATHLETIC SHOE")[0] == "athletic shoe"
+    assert "sneaker" in SYNONYMS["ATHLETIC SHOE"]
