@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Results benchmark: every method of the paper's Table 5 through the same training code.
+
+    python benchmarks/quality.py [--jobs 2] [--only DP-SAPF] && python benchmarks/render_results.py
+
+For each (method, epsilon): examples/train_dp_sapf.py -> examples/synthesize.py -> examples/evaluate.py,
+each a subprocess (OMP_NUM_THREADS=1, --jobs in parallel). A finished run's JSON in docs/results/
+is not redone. The scale (SCALE below) is what 2 CPU cores can do in about an hour; it is written
+into every result. Same hyperparameters for every method; nothing is tuned on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+RUNS = ROOT / "runs" / "quality"
+
+SCALE = {
+    "max_train_samples": 4000,     # N: the first 4,000 Fashion-MNIST training images
+    "expected_batch_size": 200,    # q = 0.05
+    "max_train_steps": 40,
+    "learning_rate": 2e-3,
+    "rank": 4,
+    "images_per_class": 20,        # synthetic images per class (200 in all)
+    "num_inference_steps": 20,
+    "classifier_epochs": 15,
+    "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
+}
+EPSILONS = ("1", "10")
+METHODS = {
+    "DP-SAPF (ratio 0.3)": [],
+    "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
+    "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
+    "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
+    "DP-LoRA (q/k/v)": ["--selection_strategy", "all"],
+    "DP-LoRA (q/k/v/o)": ["--selection_strategy", "all", "--candidate_pool", "attn_qkvo"],
+    "Random selection": ["--selection_strategy", "random"],
+    "Layer-level selection": ["--selection_unit", "layer"],
+    "DP-SGD w/o LoRA (selected matrices)": ["--no_lora"],
+}
+NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
+PUBLIC = "Public model (no fine-tuning)"
+
+
+def slug(method: str, epsilon: str) -> str:
+    keep = "".join(c if c.isalnum() else "-" for c in method.lower())
+    return f"{'-'.join(filter(None, keep.split('-')))}_eps{epsilon}"
+
+
+def run_measured(cmd: list[str], log: Path) -> dict:
+    """Run a subprocess; wall seconds and its own peak RSS (os.wait4 rusage, MB)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.time()
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed (status {status}); see {log}")
+    return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
+    """Train (unless public), synthesize, evaluate; write docs/results/<slug>.json."""
+    key = slug(method, epsilon)
+    result_file = RESULTS / f"{key}.json"
+    if result_file.exists():
+        return result_file
+    run_dir, log = RUNS / key, RUNS / f"{key}.log"
+    RUNS.mkdir(parents=True, exist_ok=True)
+    python, stages = sys.executable, {}
+    if train_flags is not None:
+        stages["train"] = run_measured([
+            python, "examples/train_dp_sapf.py", "--output_dir", str(run_dir), "--overwrite_output_dir",
+            "--target_epsilon", epsilon, "--seed", "0", "--num_validation_images", "4",
+            "--max_train_samples", str(SCALE["max_train_samples"]),
+            "--expected_batch_size", str(SCALE["expected_batch_size"]),
+            "--max_train_steps", str(SCALE["max_train_steps"]), "--learning_rate", str(SCALE["learning_rate"]),
+            "--rank", str(SCALE["rank"]), *train_flags], log)
+    synthetic = RUNS / f"{key}-synthetic"
+    stages["synthesis"] = run_measured([
+        python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", "0",
+        "--images_per_class", str(SCALE["images_per_class"]),
+        "--num_inference_steps", str(SCALE["num_inference_steps"]),
+        *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts())], log)
+    metrics_file = RUNS / f"{key}-metrics.json"
+    stages["evaluation"] = run_measured([
+        python, "examples/evaluate.py", "--synthetic_dir", str(synthetic), "--output_json", str(metrics_file),
+        "--epochs", str(SCALE["classifier_epochs"])], log)
+    result = {"method": method, "epsilon": epsilon, "scale": SCALE, "stages": stages,
+              **json.loads(metrics_file.read_text())}
+    if train_flags is not None:
+        report = json.loads((run_dir / "privacy_report.json").read_text())
+        selection = json.loads((run_dir / "selection.json").read_text())
+        timings = Path(f"{run_dir}-work") / "timings.json"
+        result.update(privacy=report, selected=selection["selected"],
+                      num_candidates=sum(map(len, selection["units"].values())),
+                      train_timings=json.loads(timings.read_text()) if timings.exists() else None,
+                      command=f"python examples/train_dp_sapf.py --target_epsilon {epsilon} "
+                              + " ".join(train_flags))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=2))
+    return result_file
+
+
+def _public_prompts() -> list[str]:
+    from peft_dp_saliency.data import FASHION_MNIST_CLASSES, make_prompts
+
+    names = list(FASHION_MNIST_CLASSES)
+    return ["--class_names", *names, "--prompts", *make_prompts(names)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--only", default=None, help="Run only methods whose name contains this text.")
+    args = p.parse_args()
+    plan = [(m, e, flags) for e in EPSILONS for m, flags in METHODS.items()]
+    plan += [(NON_PRIVATE[0], "inf", NON_PRIVATE[1]), (PUBLIC, "public", None)]
+    plan = [item for item in plan if args.only is None or args.only in item[0]]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, *item): item for item in plan}
+        for future, (method, epsilon, _) in futures.items():
+            try:
+                print(f"done: {method} eps={epsilon} -> {future.result()}", flush=True)
+            except Exception as error:  # report and continue with the other runs
+                print(f"FAILED: {method} eps={epsilon}: {error}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
