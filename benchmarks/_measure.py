@@ -2,7 +2,8 @@
 
 - one thread per process (``OMP_NUM_THREADS=1`` and ``torch.set_num_threads(1)``), set on import;
 - the workload: the embedded public model and N encoded Fashion-MNIST examples;
-- wall time: all methods in ONE process, interleaved in rotating order, medians over repeats;
+- wall time: all methods in ONE process, interleaved in rotating order; ratios are medians of
+  same-round ratios;
 - peak memory: each method in its own forked process (a fresh copy of the set-up process):
   after one warm-up call, ``malloc_trim`` and a reset of the kernel's RSS high-water mark
   (``/proc/self/clear_refs``), one measured call; "working memory" = VmHWM - VmRSS before it.
@@ -25,6 +26,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,11 @@ from torch.func import functional_call, grad, vmap
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Expected and part of what is measured: Opacus' hooks on frozen inputs; torch.func's per-example
+# fallback for CPU flash attention.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,10 +56,14 @@ class Workload:
 def load_workload(num_examples: int) -> Workload:
     """Embedded public model + the first `num_examples` Fashion-MNIST training images, encoded."""
     from diffusers import DDPMScheduler
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
     from peft_dp_saliency.data import load_sensitive_dataset
     from peft_dp_saliency.diffusion import encode_dataset
     from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, load_public_pipeline
 
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     pipe = load_public_pipeline(safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
@@ -172,6 +183,8 @@ def peak_memory_forked(fn) -> dict[str, float]:
 
 def measure(methods: dict, repeats: int) -> dict[str, dict]:
     """Memory of every method (one fork each, before any timing) and interleaved times."""
+    gc.collect()
+    gc.freeze()  # set-up objects out of the collector's sight: a full collection then costs ~0, not ~0.5 s
     memory = {name: peak_memory_forked(fn) for name, fn in methods.items()}
     times = time_interleaved(methods, repeats)
     return {name: {"memory": memory[name], "wall": times[name]["wall"], "cpu": times[name]["cpu"]}
@@ -179,9 +192,13 @@ def measure(methods: dict, repeats: int) -> dict[str, dict]:
 
 
 def ratios(results: dict, method: str, baseline: str) -> tuple[float, float]:
-    """(median wall time, working memory) of `method` divided by those of `baseline`."""
+    """(time, working memory) of `method` relative to `baseline`.
+
+    Time: the median over rounds of the ratio of the two wall times of the same round (paired,
+    so a slow spell of the machine affects both sides of a ratio).
+    """
     a, b = results[method], results[baseline]
-    return (statistics.median(a["wall"]) / statistics.median(b["wall"]),
+    return (statistics.median(x / y for x, y in zip(a["wall"], b["wall"])),
             a["memory"]["working"] / b["memory"]["working"])
 
 
@@ -200,7 +217,7 @@ def machine() -> str:
 
 
 def results_table(results: dict, baseline: str) -> str:
-    header = ("| method | wall s (median) | wall s (min) | CPU s (median) | time / baseline "
+    header = ("| method | wall s (median) | wall s (min) | CPU s (median) | time / baseline (paired median) "
               "| working MiB | peak RSS MiB | memory / baseline |")
     rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
@@ -209,6 +226,18 @@ def results_table(results: dict, baseline: str) -> str:
                     f"| {statistics.median(r['cpu']):.3f} | {time_ratio:.2f}x | {r['memory']['working']:.1f} "
                     f"| {r['memory']['peak']:.0f} | {memory_ratio:.2f}x |")
     return "\n".join(rows)
+
+
+def measurement_notes(call: str) -> list[str]:
+    """How to read a results table; `call` says what one call of a method does."""
+    return [f"time: wall seconds of {call}; 'time / baseline' is the median over rounds of the ratio of "
+            "the two wall times of the same round. CPU s is process CPU time (less sensitive to the other "
+            "jobs on the machine).",
+            "memory: each method in its own forked copy of the set-up process; after a warm-up call, "
+            "malloc_trim and a reset of the RSS high-water mark, 'working MiB' = VmHWM - VmRSS of the "
+            "measured call: everything it allocates, torch included (tracemalloc would miss torch); the "
+            "model, the data and optimizer state are in the baseline. 'peak RSS' is the absolute high-water "
+            "mark (Python, libraries, every method's model copy, the data)."]
 
 
 def write_report(path: Path, title: str, intro: str, facts: dict[str, str], table: str,

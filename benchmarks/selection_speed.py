@@ -31,7 +31,7 @@ from peft_dp_saliency.diffusion import EncodedDataset, per_sample_diffusion_loss
 from peft_dp_saliency.noise import noise_generator, sum_and_add_noise_once
 from peft_dp_saliency.selection import select_target_modules
 
-QUICK = {"num_examples": 32, "batch_size": 16, "repeats": 3}
+QUICK = {"num_examples": 8, "batch_size": 8, "repeats": 11}
 FULL = {"num_examples": 512, "batch_size": 64, "repeats": 5}
 BASELINE, QUERY = "non-private epoch", "saliency query (DP-SAPF)"
 TARGETS = {"time": 2.5, "memory": 1.5}
@@ -139,13 +139,8 @@ def main(argv=None):
              "agreement": f"private methods' scores within {deviation:.1e} (relative) of the query's on one batch",
              "targets": f"time <= {TARGETS['time']}x, memory <= {TARGETS['memory']}x of the non-private epoch",
              "result": f"time {time_ratio:.2f}x, memory {memory_ratio:.2f}x"}
-    notes = ["time: median wall seconds of one pass over N; CPU s is process CPU time (less sensitive "
-             "to other jobs on the machine).",
-             "memory: each method in its own forked copy of the set-up process; after a warm-up pass, "
-             "malloc_trim and a reset of the RSS high-water mark, 'working MiB' = VmHWM - VmRSS of the "
-             "measured pass (everything it allocates, torch included; model and data are in the baseline). "
-             "'peak RSS' is the absolute high-water mark (Python, libraries, model copies, data).",
-             "the non-private epoch accumulates .grad of the candidates' weights; no optimizer step."]
+    notes = _measure.measurement_notes("one pass over the N examples") + [
+        "the non-private epoch accumulates .grad of the candidates' weights; no optimizer step."]
     _measure.write_report(args.output, "Saliency query: speed and memory",
                           "DP-SAPF's private saliency query over all q/k/v candidates of the embedded "
                           "model versus one non-private epoch over the same examples.", facts,

@@ -217,9 +217,11 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
         set_seed(args.seed)
 
     # Setup: every input error surfaces here, before the ledger records any spending.
+    with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
+        resolution = args.resolution or _vae_resolution(args)
     with input_errors("cannot load the sensitive dataset"):
         dataset = load_sensitive_dataset(
-            args.train_data_dir or args.dataset_name, resolution=args.resolution or _vae_resolution(args),
+            args.train_data_dir or args.dataset_name, resolution=resolution,
             image_column=args.image_column, label_column=args.label_column,
             prompt_template=args.prompt_template, max_examples=args.max_train_samples)
     if len(dataset) < 2:

@@ -38,9 +38,10 @@ class RunState:
         used = [d for d in (self.output_dir, self.work_dir) if d.exists() and any(d.iterdir())]
         if used and not self.resume:
             if not overwrite:
-                raise SystemExit(f"{', '.join(map(str, used))} already hold(s) a run: pass "
-                                 "--resume_from_checkpoint latest to continue it, --overwrite_output_dir "
-                                 "to replace it, or choose another --output_dir")
+                raise SystemExit(f"{', '.join(map(str, used))} is not empty (another run's outputs or other "
+                                 "files): pass --resume_from_checkpoint latest to continue that run, "
+                                 "--overwrite_output_dir to delete and replace the contents, or choose "
+                                 "another --output_dir")
             for folder in used:
                 shutil.rmtree(folder)
         if self.resume and not (self.work_dir / "ledger.json").exists():

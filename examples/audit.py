@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Empirical privacy audit of DP-SAPF: insert canaries, train with the real script, attack, bound epsilon.
+
+    python examples/audit.py --target_epsilons 1 10 inf --output_dir runs/audit
+
+1. m random-pattern canaries (each with its own class "canary <i>" by default, or labelled
+   round-robin with the existing classes); a random half is inserted into the sensitive set (the first --base_samples Fashion-MNIST images), the other half is held out.
+2. For each target epsilon, examples/train_dp_sapf.py trains on that set (its main(), unchanged
+   defaults except the flags below).
+3. Each canary is scored by its diffusion loss under the trained adapter (averaged over fixed
+   timesteps and noises) and by the gain over the public model; a threshold chosen on half of
+   the canaries is evaluated on the other half and turned into a Clopper-Pearson lower bound on
+   epsilon (see peft_dp_saliency.audit). Results: <output_dir>/results.json and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from peft_dp_saliency import accounting, audit
+from peft_dp_saliency.data import (DEFAULT_PROMPT_TEMPLATE, SensitiveImageDataset, load_sensitive_dataset,
+                                   make_prompts)
+from peft_dp_saliency.diffusion import encode_dataset
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+
+TRAINING_SCRIPT = Path(__file__).resolve().parent / "train_dp_sapf.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="runs/audit")
+    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
+    p.add_argument("--target_epsilons", nargs="+", type=float, default=[1.0, 10.0, math.inf])
+    p.add_argument("--num_canaries", type=int, default=128, help="m (multiple of 4); half are inserted.")
+    p.add_argument("--base_samples", type=int, default=192, help="Fashion-MNIST images besides the canaries.")
+    p.add_argument("--max_train_steps", type=int, default=150)
+    p.add_argument("--expected_batch_size", type=int, default=64)
+    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--canary_seed", type=int, default=0, help="Canary images and membership coins.")
+    p.add_argument("--canary_grid", type=int, default=2,
+                   help="Canaries are grid x grid blocks of random colours (2: four flat quadrants).")
+    p.add_argument("--canary_classes", choices=["existing", "own"], default="own",
+                   help="Label canaries with the dataset's classes (round-robin) or give each its own class "
+                        "and prompt ('An image of a canary 17'; a stronger canary).")
+    p.add_argument("--timesteps", nargs="+", type=int, default=[100, 300, 500, 700, 900])
+    p.add_argument("--noises_per_timestep", type=int, default=2)
+    p.add_argument("--alpha", type=float, default=0.05, help="eps_lb holds with confidence 1 - alpha.")
+    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
+                   help="Further flags for train_dp_sapf.py (last option; e.g. --learning_rate 3e-3).")
+    return p.parse_args(argv)
+
+
+def training_script():
+    """examples/train_dp_sapf.py as a module (the audit calls its main(), never a copy)."""
+    if "train_dp_sapf" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_dp_sapf", TRAINING_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_dp_sapf"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["train_dp_sapf"]
+
+
+def to_pil(image: torch.Tensor):
+    """(3, R, R) in [-1, 1] (exact x / 127.5 - 1 of uint8) back to the RGB PIL image."""
+    from PIL import Image
+
+    pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def build_sensitive_set(base: SensitiveImageDataset, canaries: audit.Canaries, class_names: list[str],
+                        folder: Path) -> int:
+    """Save base images + inserted canaries as a `datasets` dataset; returns N."""
+    images = [to_pil(base[i][0]) for i in range(len(base))]
+    labels = base.labels.tolist()
+    for index in canaries.inserted.nonzero().flatten().tolist():
+        images.append(canaries.images[index])
+        labels.append(int(canaries.labels[index]))
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=class_names)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).save_to_disk(str(folder))
+    return len(images)
+
+
+def canary_losses(pipe, noise_scheduler, encoded, args) -> torch.Tensor:
+    return audit.mean_diffusion_loss(pipe.unet, noise_scheduler, encoded, args.timesteps,
+                                     args.noises_per_timestep, seed=args.canary_seed + 1)
+
+
+def epsilon_name(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:.4g}"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()
+    base = load_sensitive_dataset(max_examples=args.base_samples)
+    canaries = audit.make_canaries(args.num_canaries, base.resolution, len(base.class_names), args.canary_seed,
+                                   own_classes=args.canary_classes == "own", grid=args.canary_grid)
+    class_names = base.class_names + canaries.new_class_names
+    n = build_sensitive_set(base, canaries, class_names, out / "sensitive_with_canaries")
+    canary_set = SensitiveImageDataset(canaries.images, canaries.labels, class_names,
+                                       make_prompts(class_names, DEFAULT_PROMPT_TEMPLATE), base.resolution,
+                                       "canaries")
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    encoded = encode_dataset(pipe, canary_set, show_progress=False)
+    public_loss = canary_losses(pipe, noise_scheduler, encoded, args)
+
+    script = training_script()
+    results = {"setup": {"N": n, "base_samples": args.base_samples, "canaries": args.num_canaries,
+                         "inserted": int(canaries.inserted.sum()), "max_train_steps": args.max_train_steps,
+                         "expected_batch_size": args.expected_batch_size, "timesteps": args.timesteps,
+                         "noises_per_timestep": args.noises_per_timestep, "alpha": args.alpha,
+                         "canary_classes": args.canary_classes, "canary_grid": args.canary_grid,
+                         "train_args": args.train_args},
+               "runs": []}
+    for epsilon in args.target_epsilons:
+        run_dir = out / f"eps-{epsilon_name(epsilon)}"
+        started = time.time()
+        script.main(["--dataset_name", str(out / "sensitive_with_canaries"), "--output_dir", str(run_dir),
+                     "--overwrite_output_dir", "--target_epsilon", str(epsilon),
+                     "--max_train_steps", str(args.max_train_steps),
+                     "--expected_batch_size", str(args.expected_batch_size),
+                     "--train_batch_size", str(args.train_batch_size),
+                     "--checkpointing_steps", str(args.max_train_steps),
+                     "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                     "--num_validation_images", "1", "--validation_prompt", base.prompts[0],
+                     *args.train_args])
+        train_seconds = time.time() - started
+        report = accounting.PrivacyReport.load(str(run_dir / "privacy_report.json"))
+        pipe.load_lora_weights(str(run_dir))
+        trained_loss = canary_losses(pipe, noise_scheduler, encoded, args)
+        pipe.unload_lora_weights()
+        attacks = [audit.attack(name, scores, canaries, report.delta, args.alpha)
+                   for name, scores in audit.membership_scores(trained_loss, public_loss).items()]
+        evaluation = attacks[0]
+        results["runs"].append({
+            "target_epsilon": epsilon_name(epsilon), "epsilon_pld": epsilon_name(report.epsilon["pld"]),
+            "delta": report.delta, "private": report.private, "train_seconds": round(train_seconds, 1),
+            "max_provable_epsilon": audit.max_provable_epsilon(evaluation.evaluation_members,
+                                                               evaluation.evaluation_non_members,
+                                                               report.delta, args.alpha),
+            "mean_loss_members": float(trained_loss[canaries.inserted].mean()),
+            "mean_loss_non_members": float(trained_loss[~canaries.inserted].mean()),
+            "attacks": [a.to_dict() for a in attacks]})
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(markdown_table(results))
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| target eps | reported eps (PLD) | statistic | AUC | TPR / FPR (eval half) | eps_lb (95%) "
+            "| eps_lb, threshold on all (optimistic) | max provable |",
+            "|---|---|---|---|---|---|---|---|"]
+    for run in results["runs"]:
+        eps = run["epsilon_pld"]
+        for a in run["attacks"]:
+            rows.append(f"| {run['target_epsilon']} | {eps} | "
+                        f"{a['statistic']} | {a['auc']:.3f} | {a['tpr']:.2f} / {a['fpr']:.2f} | "
+                        f"{a['eps_lb']:.3f} | {a['eps_lb_all_canaries']:.3f} | {run['max_provable_epsilon']:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Empirical privacy audit: canaries, membership scores, and a lower bound on epsilon.
+
+The audit (Jagielski et al. 2020; Nasr et al. 2021) inserts canaries into the sensitive set,
+trains with the real pipeline, and runs a membership-inference attack on inserted vs held-out
+canaries. A DP guarantee bounds any attack: for every threshold, FPR + e^eps FNR >= 1 - delta
+and FNR + e^eps FPR >= 1 - delta, so an attack's measured (FPR, FNR) turns into
+
+    eps_lb = max(log((1 - delta - FPR_up) / FNR_up), log((1 - delta - FNR_up) / FPR_up), 0)
+
+with one-sided Clopper-Pearson upper bounds FPR_up, FNR_up (each at level alpha/2, so eps_lb
+holds with confidence 1 - alpha). The threshold is chosen on one half of the canaries and the
+bound evaluated on the other half, so its selection does not inflate the bound.
+
+Caveat: all canaries share one training run, so their outcomes are not independent trials as
+the Clopper-Pearson interval assumes (Jagielski et al. train one model per trial). Membership is
+a fresh random coin per canary, which is the setting of Steinke, Nasr & Jagielski (2023, "privacy
+auditing with one training run"), whose rigorous bound is smaller; read eps_lb as the usual
+one-run heuristic, an audit and not a proof.
+
+Scores (higher = "more likely a member"), from the per-example diffusion loss averaged over
+fixed (timestep, noise) pairs shared by all canaries and models:
+
+- ``loss``: minus the trained model's loss;
+- ``loss_gain``: the public model's loss minus the trained model's (calibrates each canary's
+  own difficulty, as in Carlini et al.'s reference-model attacks; the public model is public).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import stats
+
+from .diffusion import EncodedDataset, per_sample_diffusion_loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Canaries
+
+
+@dataclass
+class Canaries:
+    """m canary images with labels, which of them are inserted, and the threshold/evaluation split.
+
+    images: m RGB PIL images (R x R); labels: (m,) int64 class indices;
+    inserted: (m,) bool, exactly half True (a random coin per canary, balanced);
+    tuning: (m,) bool, the half used to choose the attack threshold (balanced within
+    inserted and held-out canaries); the other half gives the bound;
+    new_class_names: names of classes added for the canaries (labels from the number of
+    existing classes on), empty when the canaries use the existing classes.
+    """
+
+    images: list
+    labels: torch.Tensor
+    inserted: torch.Tensor
+    tuning: torch.Tensor
+    new_class_names: list
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def random_pattern_images(count: int, resolution: int, grid: int = 8,
+                          generator: torch.Generator | None = None) -> list[Image.Image]:
+    """`count` distinct images of grid x grid random RGB blocks, upscaled (nearest) to resolution.
+
+    Out of distribution for clothing photos and for emoji; two such images coincide with
+    probability 256^(-3 grid^2), and distinctness is checked anyway.
+    """
+    blocks = torch.randint(0, 256, (count, grid, grid, 3), generator=generator, dtype=torch.uint8)
+    if len({bytes(b.numpy().tobytes()) for b in blocks}) != count:
+        raise RuntimeError("two canaries coincide; use another seed")
+    return [Image.fromarray(b.numpy(), mode="RGB").resize((resolution, resolution), Image.NEAREST)
+            for b in blocks]
+
+
+def make_canaries(count: int, resolution: int, num_classes: int, seed: int,
+                  own_classes: bool = False, grid: int = 8) -> Canaries:
+    """`count` (multiple of 4) random-pattern canaries (grid x grid blocks), half of them inserted.
+
+    Labels: round-robin over the `num_classes` existing classes, or with `own_classes` one new
+    class per canary ("canary <i>", so its own prompt): a stronger canary, since the model can
+    tie the image to a prompt no other example uses. Class names are public, data-independent.
+    """
+    if count < 4 or count % 4:
+        raise ValueError(f"the number of canaries must be a multiple of 4 (>= 4), got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    images = random_pattern_images(count, resolution, grid, generator)
+    labels = num_classes + torch.arange(count) if own_classes else torch.arange(count) % num_classes
+    new_class_names = [f"canary {i}" for i in range(count)] if own_classes else []
+    inserted = torch.zeros(count, dtype=torch.bool)
+    inserted[torch.randperm(count, generator=generator)[: count // 2]] = True
+    tuning = torch.zeros(count, dtype=torch.bool)
+    for group in (inserted, ~inserted):  # half of the inserted and half of the held-out canaries
+        members = group.nonzero().flatten()
+        tuning[members[torch.randperm(len(members), generator=generator)[: len(members) // 2]]] = True
+    return Canaries(images, labels, inserted, tuning, new_class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+@torch.no_grad()
+def mean_diffusion_loss(unet, noise_scheduler, data: EncodedDataset, timesteps: list[int],
+                        noises_per_timestep: int, seed: int, batch_size: int = 64) -> torch.Tensor:
+    """(m,) per-example diffusion loss averaged over fixed (timestep, noise) pairs.
+
+    The pairs depend only on (seed, example index), so two models are scored on the same ones.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    latents = data.latents
+    total = torch.zeros(len(data), dtype=torch.float64)
+    pairs = 0
+    for t in timesteps:
+        for _ in range(noises_per_timestep):
+            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+            for idx in torch.arange(len(data)).split(batch_size):
+                batch_latents, states = data.batch(idx.to(latents.device))
+                steps = torch.full((len(idx),), t, dtype=torch.long, device=latents.device)
+                loss = per_sample_diffusion_loss(unet, noise_scheduler, batch_latents, states,
+                                                 noise[idx.to(latents.device)], steps)
+                total[idx] += loss.double().cpu()
+            pairs += 1
+    return (total / pairs).float()
+
+
+def membership_scores(trained_loss: torch.Tensor, public_loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attack statistics, higher = more likely a member."""
+    return {"loss": -trained_loss, "loss_gain": public_loss - trained_loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# From an attack to a lower bound on epsilon
+
+
+def clopper_pearson_upper(failures: int, trials: int, alpha: float) -> float:
+    """One-sided upper confidence bound (level 1 - alpha) on a binomial rate from `failures`/`trials`."""
+    if trials <= 0:
+        return 1.0
+    if failures >= trials:
+        return 1.0
+    return float(stats.beta.ppf(1 - alpha, failures + 1, trials - failures))
+
+
+def epsilon_lower_bound(false_positives: int, negatives: int, false_negatives: int, positives: int,
+                        delta: float, alpha: float = 0.05) -> float:
+    """eps_lb (nats, >= 0) implied by an attack's errors, valid with confidence 1 - alpha."""
+    fpr_up = clopper_pearson_upper(false_positives, negatives, alpha / 2)
+    fnr_up = clopper_pearson_upper(false_negatives, positives, alpha / 2)
+    bounds = [0.0]
+    for numerator, denominator in ((1 - delta - fpr_up, fnr_up), (1 - delta - fnr_up, fpr_up)):
+        if numerator > 0 and denominator > 0:
+            bounds.append(math.log(numerator / denominator))
+    return max(bounds)
+
+
+def _errors(scores: np.ndarray, members: np.ndarray, threshold: float) -> tuple[int, int, int, int]:
+    """(false positives, negatives, false negatives, positives) of "member iff score >= threshold"."""
+    guess = scores >= threshold
+    return (int((guess & ~members).sum()), int((~members).sum()),
+            int((~guess & members).sum()), int(members.sum()))
+
+
+def best_threshold(scores: np.ndarray, members: np.ndarray, delta: float, alpha: float) -> float:
+    """The threshold (among the scores, +inf) with the largest eps_lb on these canaries
+    (ties, e.g. all 0, broken by the largest TPR - FPR)."""
+    candidates = np.append(np.unique(scores), np.inf)
+
+    def quality(threshold):  # eps_lb first, then TPR - FPR among thresholds with equal eps_lb
+        fp, neg, fn, pos = _errors(scores, members, threshold)
+        return epsilon_lower_bound(fp, neg, fn, pos, delta, alpha), (pos - fn) / pos - fp / neg
+
+    return float(max(candidates, key=quality))
+
+
+def auc(scores: np.ndarray, members: np.ndarray) -> float:
+    """Area under the ROC curve (probability a member outscores a non-member; ties count 1/2)."""
+    pos, neg = scores[members], scores[~members]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+@dataclass
+class AttackResult:
+    """One statistic's attack: AUC on all canaries; threshold from the tuning half; on the
+    evaluation half its TPR/FPR and eps_lb (confidence 1 - alpha). eps_lb_all_canaries chooses
+    and evaluates the threshold on all canaries: optimistic (selection not accounted), for reference."""
+
+    statistic: str
+    auc: float
+    threshold: float
+    tpr: float
+    fpr: float
+    eps_lb: float
+    eps_lb_all_canaries: float
+    evaluation_members: int
+    evaluation_non_members: int
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["threshold"] = data["threshold"] if math.isfinite(data["threshold"]) else "inf"
+        return data
+
+
+def attack(statistic: str, scores: torch.Tensor, canaries: Canaries, delta: float,
+           alpha: float = 0.05) -> AttackResult:
+    """Threshold attack with honest threshold selection (tuning half -> evaluation half)."""
+    scores_np, members = scores.double().numpy(), canaries.inserted.numpy()
+    tune, evaluate = canaries.tuning.numpy(), ~canaries.tuning.numpy()
+    threshold = best_threshold(scores_np[tune], members[tune], delta, alpha)
+    fp, neg, fn, pos = _errors(scores_np[evaluate], members[evaluate], threshold)
+    all_threshold = best_threshold(scores_np, members, delta, alpha)
+    return AttackResult(
+        statistic=statistic, auc=auc(scores_np, members), threshold=threshold,
+        tpr=(pos - fn) / pos, fpr=fp / neg, eps_lb=epsilon_lower_bound(fp, neg, fn, pos, delta, alpha),
+        eps_lb_all_canaries=epsilon_lower_bound(*_errors(scores_np, members, all_threshold), delta, alpha),
+        evaluation_members=pos, evaluation_non_members=neg)
+
+
+def max_provable_epsilon(members: int, non_members: int, delta: float, alpha: float = 0.05) -> float:
+    """The largest eps_lb any attack can show with this many evaluation canaries (a perfect attack)."""
+    return epsilon_lower_bound(0, non_members, 0, members, delta, alpha)

@@ -1,0 +1,110 @@
+"""Crashes and resume: every mechanism run that touched the data is accounted, outputs are all-or-nothing,
+and a run never overwrites another run's folders."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from peft_dp_saliency import accounting
+from peft_dp_saliency.dp_sgd import DPSGDStep
+from peft_dp_saliency.run_state import RunState
+from script_runner import ledger_steps, run, training_script, work_dir
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_on_call(monkeypatch, owner, name, call_number):
+    """Make owner.name raise Crash on its `call_number`-th call (a kill in the middle of the run)."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call_number:
+            raise Crash(f"simulated kill in call {call_number} of {name}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def test_crashes_are_counted_and_resume_finishes_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    script = training_script()
+    # 1. Killed inside the selection query: it was recorded before it ran, so it counts.
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, script, "select_target_modules", 1)
+        with pytest.raises(Crash):
+            run(out, "--max_train_steps", 4, "--checkpointing_steps", 2)
+    assert ledger_steps(out) == {"selection": 1}
+    # 2. Resumed, then killed in DP-SGD step 3 (one step after checkpoint-2): 3 steps touched data.
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, DPSGDStep, "__call__", 3)
+        with pytest.raises(Crash):
+            run(out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    assert ledger_steps(out) == {"selection": 2, "dp_sgd": 3}  # the query ran again: it counts twice
+    assert [p.name for p in work_dir(out).glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not list(out.iterdir())  # nothing released yet
+    # 3. Resumed from checkpoint-2: steps 3 and 4 run again; the lost step 3 is not refunded.
+    run(out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest")
+    assert ledger_steps(out) == {"selection": 2, "dp_sgd": 5}
+
+    report = accounting.PrivacyReport.load(str(out / "privacy_report.json"))
+    plan = json.loads((work_dir(out) / "plan.json").read_text())
+    assert [(s["name"], s["steps"]) for s in report.stages] == [("selection", 2), ("dp_sgd", 5)]
+    assert report.extra == {"planned_dp_sgd_steps": 4, "recorded_dp_sgd_steps": 5}
+    stages = [accounting.selection_stage(5.0, 1.0), accounting.selection_stage(5.0, 1.0),
+              accounting.dp_sgd_stage(plan["noise_multiplier"], plan["sample_rate"], 5, 1.0)]
+    assert report.epsilon["pld"] == pytest.approx(accounting.compute_epsilon(stages, report.delta, "pld"))
+    assert report.epsilon["pld"] > report.target_epsilon  # the crashes cost budget beyond the plan
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_refuses_to_overwrite_another_run(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--max_train_steps", 1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    ledger = (work_dir(out) / "ledger.json").read_text()
+    with pytest.raises(SystemExit, match=r"is not empty \(another run's outputs or other files\): pass --resume_from_checkpoint latest"):
+        run(out, "--max_train_steps", 1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert (work_dir(out) / "ledger.json").read_text() == ledger
+
+
+def test_refuses_a_folder_with_someone_elses_files_and_a_resume_without_run(tmp_path):
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"not mine to delete")
+    with pytest.raises(SystemExit, match="photos is not empty"):
+        RunState(tmp_path / "photos-work", mine)
+    assert (mine / "holiday.jpg").read_bytes() == b"not mine to delete"
+    with pytest.raises(SystemExit, match="no run to resume"):
+        RunState(tmp_path / "none-work", tmp_path / "none", resume="latest")
+
+
+def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    from peft_dp_saliency import run_state
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    state = RunState(tmp_path / "w", tmp_path / "o")
+    state.record_spending("dp_sgd", 1.0, 0.5, 1.0)
+    state.save_checkpoint(1, model, optimizer, scheduler)
+
+    def disk_full(tensors, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_state, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        state.save_checkpoint(2, model, optimizer, scheduler)
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["checkpoint-1", "ledger.json"]
+    resumed = RunState(tmp_path / "w", tmp_path / "o", resume="latest")
+    assert resumed.load_checkpoint(model, optimizer, scheduler) == 1
