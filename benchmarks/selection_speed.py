@@ -31,7 +31,7 @@ from peft_dp_saliency.diffusion import EncodedDataset, per_sample_diffusion_loss
 from peft_dp_saliency.noise import noise_generator, sum_and_add_noise_once
 from peft_dp_saliency.selection import select_target_modules
 
-QUICK = {"num_examples": 8, "batch_size": 8, "repeats": 11}
+QUICK = {"num_examples": 8, "batch_size": 8, "repeats": 9}
 FULL = {"num_examples": 512, "batch_size": 64, "repeats": 5}
 BASELINE, QUERY = "non-private epoch", "saliency query (DP-SAPF)"
 TARGETS = {"time": 2.5, "memory": 1.5}

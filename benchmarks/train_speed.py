@@ -31,7 +31,7 @@ from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep
 from peft_dp_saliency.noise import noise_generator, sum_and_add_noise_once
 from peft_dp_saliency.selection import select_target_modules
 
-QUICK = {"num_examples": 8, "batch_size": 8, "repeats": 11}
+QUICK = {"num_examples": 8, "batch_size": 8, "repeats": 9}
 FULL = {"num_examples": 256, "batch_size": 64, "repeats": 9}
 BASELINE, DP_STEP = "non-private LoRA step", "DP-SGD step (DPSGDStep)"
 TARGETS = {"time": 1.3, "memory": 1.3}

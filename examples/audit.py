@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,18 +43,21 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
     p.add_argument("--target_epsilons", nargs="+", type=float, default=[1.0, 10.0, math.inf])
     p.add_argument("--num_canaries", type=int, default=128, help="m (multiple of 4); half are inserted.")
-    p.add_argument("--base_samples", type=int, default=192, help="Fashion-MNIST images besides the canaries.")
-    p.add_argument("--max_train_steps", type=int, default=150)
-    p.add_argument("--expected_batch_size", type=int, default=64)
-    p.add_argument("--train_batch_size", type=int, default=64)
+    p.add_argument("--base_samples", type=int, default=32, help="Fashion-MNIST images besides the canaries.")
+    p.add_argument("--max_train_steps", type=int, default=400)
+    p.add_argument("--expected_batch_size", type=int, default=32)
+    p.add_argument("--train_batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=5e-3,
+                   help="Higher than the training default: the audit wants the most memorisation.")
     p.add_argument("--canary_seed", type=int, default=0, help="Canary images and membership coins.")
-    p.add_argument("--canary_grid", type=int, default=2,
-                   help="Canaries are grid x grid blocks of random colours (2: four flat quadrants).")
+    p.add_argument("--canary_grid", type=int, default=8,
+                   help="Canaries are grid x grid blocks of random colours, upscaled to the resolution.")
     p.add_argument("--canary_classes", choices=["existing", "own"], default="own",
                    help="Label canaries with the dataset's classes (round-robin) or give each its own class "
                         "and prompt ('An image of a canary 17'; a stronger canary).")
-    p.add_argument("--timesteps", nargs="+", type=int, default=[100, 300, 500, 700, 900])
-    p.add_argument("--noises_per_timestep", type=int, default=2)
+    p.add_argument("--timesteps", nargs="+", type=int, default=[10, 25, 50, 100],
+                   help="Where the loss is scored (small t: where memorisation shows).")
+    p.add_argument("--noises_per_timestep", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.05, help="eps_lb holds with confidence 1 - alpha.")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="Further flags for train_dp_sapf.py (last option; e.g. --learning_rate 3e-3).")
@@ -114,6 +118,11 @@ def main(argv=None) -> dict:
                                        make_prompts(class_names, DEFAULT_PROMPT_TEMPLATE), base.resolution,
                                        "canaries")
 
+    if Path(args.pretrained_model_name_or_path).is_dir():  # one fixed copy for scoring and every run
+        model = out / "public_model"
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(args.pretrained_model_name_or_path, model)
+        args.pretrained_model_name_or_path = str(model)
     pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -124,7 +133,8 @@ def main(argv=None) -> dict:
     script = training_script()
     results = {"setup": {"N": n, "base_samples": args.base_samples, "canaries": args.num_canaries,
                          "inserted": int(canaries.inserted.sum()), "max_train_steps": args.max_train_steps,
-                         "expected_batch_size": args.expected_batch_size, "timesteps": args.timesteps,
+                         "expected_batch_size": args.expected_batch_size, "learning_rate": args.learning_rate,
+                         "timesteps": args.timesteps,
                          "noises_per_timestep": args.noises_per_timestep, "alpha": args.alpha,
                          "canary_classes": args.canary_classes, "canary_grid": args.canary_grid,
                          "train_args": args.train_args},
@@ -137,6 +147,7 @@ def main(argv=None) -> dict:
                      "--max_train_steps", str(args.max_train_steps),
                      "--expected_batch_size", str(args.expected_batch_size),
                      "--train_batch_size", str(args.train_batch_size),
+                     "--learning_rate", str(args.learning_rate),
                      "--checkpointing_steps", str(args.max_train_steps),
                      "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
                      "--num_validation_images", "1", "--validation_prompt", base.prompts[0],

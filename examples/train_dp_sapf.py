@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from peft_dp_saliency import accounting, hub
 from peft_dp_saliency.candidates import find_candidates
-from peft_dp_saliency.config import SaliencyLoraConfig
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.diffusion import encode_dataset
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
@@ -40,6 +39,7 @@ from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
+from peft_dp_saliency.select import add_selection_arguments, config_from_args
 from peft_dp_saliency.selection import SelectionResult, select_target_modules
 
 logger = logging.getLogger("train_dp_sapf")
@@ -95,15 +95,7 @@ def parse_args(argv=None):
     g.add_argument("--expected_batch_size", type=int, default=256, help="Logical batch: q = this / N.")
     g.add_argument("--accountant", default="pld", choices=list(accounting.ACCOUNTANTS))
     g.add_argument("--deterministic_noise", action="store_true", help="Tests only: NOT private.")
-    g = p.add_argument_group("saliency selection (SaliencyLoraConfig fields)")
-    g.add_argument("--selection_strategy", default="saliency", choices=["saliency", "random", "all"])
-    g.add_argument("--candidate_pool", default="attn_qkv", choices=["attn_qkv", "attn_qkvo", "all_linear"])
-    g.add_argument("--selection_unit", default="matrix", choices=["matrix", "layer"])
-    g.add_argument("--selection_ratio", type=float, default=0.3)
-    g.add_argument("--saliency_score", default="norm", choices=["norm", "debiased"])
-    g.add_argument("--selection_noise_multiplier", type=float, default=5.0)
-    g.add_argument("--selection_max_grad_norm", type=float, default=1.0)
-    g.add_argument("--selection_batch_size", type=int, default=64)
+    add_selection_arguments(p)
     return p.parse_args(argv)
 
 
@@ -244,24 +236,21 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
     unet = pipe.unet
     with input_errors("--candidate_pool"):
         find_candidates(unet, args.candidate_pool)
-    data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
-                          show_progress=accelerator.is_local_main_process)
+    with state.timed("encode"):
+        data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
+                              show_progress=accelerator.is_local_main_process)
     data_seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
     noise_seed = args.seed if args.deterministic_noise else None
 
-    config = SaliencyLoraConfig(
-        r=args.rank, lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian",
-        candidate_pool=args.candidate_pool, selection_unit=args.selection_unit,
-        selection_ratio=args.selection_ratio, selection_strategy=args.selection_strategy,
-        saliency_score=args.saliency_score, selection_noise_multiplier=args.selection_noise_multiplier,
-        selection_max_grad_norm=args.selection_max_grad_norm, selection_seed=data_seed,
-        deterministic_noise=args.deterministic_noise)
+    config = config_from_args(args, data_seed, r=args.rank, lora_alpha=args.lora_alpha or args.rank,
+                              init_lora_weights="gaussian")
     selection = state.selection()
     if selection is None:
         if args.selection_strategy == "saliency":  # spend first, then run: never refunded
             state.record_spending("selection", args.selection_noise_multiplier, 1.0, args.selection_max_grad_norm)
-        selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
-                                          show_progress=accelerator.is_local_main_process)
+        with state.timed("selection"):
+            selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
+                                              show_progress=accelerator.is_local_main_process)
         selection = broadcast_object_list([selection])[0]
         state.save_selection(selection)
     config.target_modules = selection.selected
@@ -298,21 +287,22 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
     if args.report_to:
         accelerator.init_trackers("dp_sapf", config={k: v for k, v in vars(args).items()
                                                      if isinstance(v, (int, float, str, bool))})
-    bar = tqdm(total=args.max_train_steps, initial=start_step, desc="DP-SGD",
-               disable=not accelerator.is_local_main_process)
-    unet.train()
-    for step, indices in enumerate(sampler, start=start_step + 1):
-        state.record_spending("dp_sgd", settings.noise_multiplier, settings.sample_rate,
-                            settings.max_grad_norm)  # before the step touches the data
-        loss = dp_step(torch.as_tensor(indices, dtype=torch.long, device=device))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        accelerator.log({"train_loss_local_only": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            state.save_checkpoint(step, unet, optimizer, lr_scheduler)
-    bar.close()
+    with state.timed("dp_sgd"):
+        bar = tqdm(total=args.max_train_steps, initial=start_step, desc="DP-SGD",
+                   disable=not accelerator.is_local_main_process)
+        unet.train()
+        for step, indices in enumerate(sampler, start=start_step + 1):
+            state.record_spending("dp_sgd", settings.noise_multiplier, settings.sample_rate,
+                                 settings.max_grad_norm)  # before the step touches the data
+            loss = dp_step(torch.as_tensor(indices, dtype=torch.long, device=device))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            accelerator.log({"train_loss_local_only": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+                state.save_checkpoint(step, unet, optimizer, lr_scheduler)
+        bar.close()
     unet.eval()
 
     if accelerator.is_main_process:

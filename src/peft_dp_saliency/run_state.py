@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -68,6 +71,18 @@ class RunState:
             for folder in reversed(self.created):
                 shutil.rmtree(folder, ignore_errors=True)
             self.created = []
+
+    @contextmanager
+    def timed(self, stage: str):
+        """Record a stage's wall seconds and the process's peak RSS (MB) so far in timings.json."""
+        start = time.time()
+        yield
+        if self.is_main:
+            path = self.work_dir / "timings.json"
+            timings = json.loads(path.read_text()) if path.exists() else {}
+            timings[f"{stage}_seconds"] = round(timings.get(f"{stage}_seconds", 0) + time.time() - start, 2)
+            timings[f"{stage}_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            write_json_atomic(str(path), timings)
 
     def record_spending(self, name: str, noise_multiplier: float, sample_rate: float,
                         max_grad_norm: float) -> None:
