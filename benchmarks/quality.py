@@ -25,12 +25,12 @@ RESULTS = ROOT / "docs" / "results"
 RUNS = ROOT / "runs" / "quality"
 
 SCALE = {
-    "max_train_samples": 4000,     # N: the first 4,000 Fashion-MNIST training images
-    "expected_batch_size": 200,    # q = 0.05
-    "max_train_steps": 40,
+    "max_train_samples": 3000,     # N: the first 3,000 Fashion-MNIST training images
+    "expected_batch_size": 150,    # q = 0.05
+    "max_train_steps": 30,
     "learning_rate": 2e-3,
     "rank": 4,
-    "images_per_class": 20,        # synthetic images per class (200 in all)
+    "images_per_class": 15,        # synthetic images per class (150 in all)
     "num_inference_steps": 20,
     "classifier_epochs": 15,
     "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
