@@ -137,6 +137,10 @@ def main(argv=None) -> dict:
                          "timesteps": args.timesteps,
                          "noises_per_timestep": args.noises_per_timestep, "alpha": args.alpha,
                          "canary_classes": args.canary_classes, "canary_grid": args.canary_grid,
+                         # The loss statistic on the untrained public model: no membership signal can
+                         # exist, so this is the chance level of this particular canary draw.
+                         "public_model_loss_auc": audit.auc(-public_loss.double().numpy(),
+                                                            canaries.inserted.numpy()),
                          "train_args": args.train_args},
                "runs": []}
     for epsilon in args.target_epsilons:
