@@ -38,14 +38,14 @@ SCALE = {
 EPSILONS = ("1", "10")
 METHODS = {
     "DP-SAPF (ratio 0.3)": [],
-    "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
-    "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
-    "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
     "DP-LoRA (q/k/v)": ["--selection_strategy", "all"],
-    "DP-LoRA (q/k/v/o)": ["--selection_strategy", "all", "--candidate_pool", "attn_qkvo"],
     "Random selection": ["--selection_strategy", "random"],
     "Layer-level selection": ["--selection_unit", "layer"],
     "DP-SGD w/o LoRA (selected matrices)": ["--no_lora"],
+    "DP-LoRA (q/k/v/o)": ["--selection_strategy", "all", "--candidate_pool", "attn_qkvo"],
+    "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
+    "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
+    "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"
@@ -77,7 +77,11 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
     run_dir, log = RUNS / key, RUNS / f"{key}.log"
     RUNS.mkdir(parents=True, exist_ok=True)
     python, stages = sys.executable, {}
-    if train_flags is not None:
+    train_measure = Path(f"{run_dir}-work") / "train_stage.json"
+    if train_flags is not None and (run_dir / "privacy_report.json").exists():  # trained before a restart
+        stages["train"] = (json.loads(train_measure.read_text()) if train_measure.exists()
+                           else {"seconds": None, "peak_rss_mb": None})
+    elif train_flags is not None:
         stages["train"] = run_measured([
             python, "examples/train_dp_sapf.py", "--output_dir", str(run_dir), "--overwrite_output_dir",
             "--target_epsilon", epsilon, "--seed", "0", "--num_validation_images", "4",
@@ -85,6 +89,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
             "--expected_batch_size", str(SCALE["expected_batch_size"]),
             "--max_train_steps", str(SCALE["max_train_steps"]), "--learning_rate", str(SCALE["learning_rate"]),
             "--rank", str(SCALE["rank"]), *train_flags], log)
+        train_measure.write_text(json.dumps(stages["train"]))  # the work folder exists once trained
     synthetic = RUNS / f"{key}-synthetic"
     stages["synthesis"] = run_measured([
         python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", "0",
@@ -123,8 +128,10 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", default=None, help="Run only methods whose name contains this text.")
     args = p.parse_args()
-    plan = [(m, e, flags) for e in EPSILONS for m, flags in METHODS.items()]
-    plan += [(NON_PRIVATE[0], "inf", NON_PRIVATE[1]), (PUBLIC, "public", None)]
+    # Order of importance, so an interrupted benchmark still has the main comparison.
+    plan = [(m, e, METHODS[m]) for m in ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)") for e in EPSILONS]
+    plan += [(PUBLIC, "public", None), (NON_PRIVATE[0], "inf", NON_PRIVATE[1])]
+    plan += [(m, e, flags) for m, flags in METHODS.items() for e in EPSILONS if (m, e, flags) not in plan]
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}

@@ -48,7 +48,7 @@ def main_table(table: dict) -> str:
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
     """Matrices selected per block at each ratio (the paper's Table 7)."""
-    ratios = [m for m in METHODS if m.startswith("DP-SAPF")]
+    ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF")), key=lambda m: float(m.split()[-1][:-1]))
     chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon), None)
               for m in ratios}
     any_run = next((r for r in runs if r.get("selected") is not None), None)

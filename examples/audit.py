@@ -4,9 +4,10 @@
     python examples/audit.py --target_epsilons 1 10 inf --output_dir runs/audit
 
 1. m random-pattern canaries (each with its own class "canary <i>" by default, or labelled
-   round-robin with the existing classes); a random half is inserted into the sensitive set (the first --base_samples Fashion-MNIST images), the other half is held out.
-2. For each target epsilon, examples/train_dp_sapf.py trains on that set (its main(), unchanged
-   defaults except the flags below).
+   round-robin with the existing classes); a random half is inserted into the sensitive set
+   (the first --base_samples Fashion-MNIST images), the other half is held out.
+2. For each target epsilon, examples/train_dp_sapf.py trains on that set (its main(): the
+   training defaults except the flags below).
 3. Each canary is scored by its diffusion loss under the trained adapter (averaged over fixed
    timesteps and noises) and by the gain over the public model; a threshold chosen on half of
    the canaries is evaluated on the other half and turned into a Clopper-Pearson lower bound on

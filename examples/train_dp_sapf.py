@@ -18,6 +18,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -197,11 +198,19 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = RunState(work_dir, output_dir, resume=args.resume_from_checkpoint,
                      overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process)
+    # SIGTERM (kill, a launcher stopping its workers) unwinds like an error, so temporary files go.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         train(args, accelerator, state, output_dir)
     except BaseException:
         state.discard_if_unspent()  # a failure before any spending leaves no trace
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
 
 
 def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Several processes (torch.multiprocessing, gloo, world size 2) give the single-process mechanism.
 
-One pair of forked processes runs every distributed check and saves what each rank saw; the tests below assert on it against single-process references.
+One pair of forked processes runs every distributed check and saves what each rank saw; the
+tests below assert on it against single-process references.
 The diffusion loss is made deterministic per example (fixed timestep, noise derived from the
 latent) so that 1 and 2 processes can be compared exactly whatever the per-rank generators.
 """

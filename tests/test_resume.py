@@ -70,7 +70,8 @@ def test_refuses_to_overwrite_another_run(tmp_path):
     run(out, "--max_train_steps", 1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     ledger = (work_dir(out) / "ledger.json").read_text()
-    with pytest.raises(SystemExit, match=r"is not empty \(another run's outputs or other files\): pass --resume_from_checkpoint latest"):
+    with pytest.raises(SystemExit, match=r"is not empty \(another run's outputs or other files\): "
+                                         r"pass --resume_from_checkpoint latest"):
         run(out, "--max_train_steps", 1)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert (work_dir(out) / "ledger.json").read_text() == ledger
@@ -108,3 +109,26 @@ def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["checkpoint-1", "ledger.json"]
     resumed = RunState(tmp_path / "w", tmp_path / "o", resume="latest")
     assert resumed.load_checkpoint(model, optimizer, scheduler) == 1
+
+
+def test_sigterm_mid_training_unwinds_and_keeps_the_spending(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    original = DPSGDStep.__call__
+    calls = {"n": 0}
+
+    def killed_in_step_2(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill` or a launcher sends
+        return original(self, indices)
+
+    monkeypatch.setattr(DPSGDStep, "__call__", killed_in_step_2)
+    out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match="terminated by signal 15"):
+        run(out, "--max_train_steps", 3)
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    assert ledger_steps(out) == {"selection": 1, "dp_sgd": 2}
+    assert list(out.iterdir()) == []

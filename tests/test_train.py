@@ -1,6 +1,5 @@
 """End to end: examples/train_dp_sapf.py on a slice of Fashion-MNIST, then load the release."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,25 +11,18 @@ from peft_dp_saliency import hub
 from peft_dp_saliency.accounting import PrivacyReport, compute_epsilon
 from peft_dp_saliency.config import SaliencyLoraConfig
 from peft_dp_saliency.public_model import load_public_pipeline
+from script_runner import training_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--max_train_samples", "48", "--max_train_steps", "3", "--expected_batch_size", "16",
         "--train_batch_size", "8", "--selection_batch_size", "24", "--num_validation_images", "1",
         "--checkpointing_steps", "2", "--seed", "0"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_dp_sapf", ROOT / "examples" / "train_dp_sapf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def pushed_run(tmp_path_factory):
     """A private run with alpha != rank, pushed to a patched Hub."""
     out = tmp_path_factory.mktemp("run") / "out"
-    script = load_script()
+    script = training_script()
     calls = {}
     patch = pytest.MonkeyPatch()
     patch.setattr(hub, "create_repo", lambda repo_id, **kw: calls.setdefault("create", (repo_id, kw)) and
@@ -108,7 +100,7 @@ def test_report_counts_selection_and_every_step(pushed_run):
 
 def test_no_lora_release_is_an_exact_full_rank_adapter(tmp_path):
     out = tmp_path / "nolora"
-    load_script().main(TINY + ["--output_dir", str(out), "--no_lora", "--target_epsilon", "inf",
+    training_script().main(TINY + ["--output_dir", str(out), "--no_lora", "--target_epsilon", "inf",
                                "--selection_strategy", "random"])
     pipe = load_public_pipeline()
     names = json.loads((out / "selection.json").read_text())["selected"]
