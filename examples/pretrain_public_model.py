@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, architecture
 from peft_dp_saliency.public_model.corpus import augment, build_corpus, random_captions

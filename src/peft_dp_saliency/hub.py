@@ -8,7 +8,6 @@ anything else computed on sensitive data without noise stay in the run's checkpo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -186,6 +185,3 @@ def push_output_dir(output_dir: Path, repo_id: str, token: str | None = None, pr
                   commit_message="DP-SAPF adapter, privacy report and model card")
     return repo_id
 
-
-def load_class_prompts(output_dir: Path) -> dict:
-    return json.loads((Path(output_dir) / "class_prompts.json").read_text())

@@ -9,7 +9,6 @@ and its (epsilon, delta) from the accountant; the per-block table is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
