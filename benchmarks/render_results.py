@@ -119,6 +119,9 @@ the synthetic images (epoch picked on a held-out synthetic split).
 |---|---|---|
 {sigma_rows}
 """
+    reading = RESULTS / "reading.md"  # the human reading of these numbers, kept next to them
+    if reading.exists():
+        text += "\n" + reading.read_text()
     (ROOT / "docs" / "results.md").write_text(text)
     print(text)
 
