@@ -257,10 +257,17 @@ def common_arguments(parser, quick: dict, full: dict, output: Path) -> None:
     parser.add_argument("--num_examples", type=int, default=None, help=f"N (default {full['num_examples']}).")
     parser.add_argument("--batch_size", type=int, default=None, help=f"Default {full['batch_size']}.")
     parser.add_argument("--repeats", type=int, default=None, help=f"Timed repeats (default {full['repeats']}).")
-    parser.add_argument("--output", type=Path, default=output, help="The markdown table (default: %(default)s).")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"The markdown table (default: {output}; with --quick, *_quick.md beside it, so a "
+                             "quick run never replaces the full-run table).")
+    parser.set_defaults(default_output=output)
 
 
 def resolve_sizes(args, quick: dict, full: dict) -> None:
+    """Fill unset sizes from the quick or full defaults, and the output path."""
+    if args.output is None:
+        default = args.default_output
+        args.output = default.with_name(f"{default.stem}_quick.md") if args.quick else default
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
