@@ -138,9 +138,7 @@ def main():
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate)
     (vae,) = train_stage(accelerator, "vae", [vae], vae_opt, vae_step, vae_budget, every)
     vae.requires_grad_(False).eval()
-    with torch.no_grad():  # SD's scaling factor: unit-variance latents
-        latents = vae.encode(sample_batch(512)[1]).latent_dist.sample()
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.register_to_config(scaling_factor=latent_scaling_factor(args.work_dir, vae, sample_batch))
 
     # Stage 2: UNet + text encoder on frozen VAE latents, caption dropout for guidance.
     unet = architecture.build_unet()
@@ -182,6 +180,22 @@ def main():
         grid.save(args.output_dir / "sample_grid.png")
         write_model_card(args, corpus, pipe, json.loads(unet_budget.path.read_text()))
         logger.info("saved public model to %s", args.output_dir)
+
+
+@torch.no_grad()
+def latent_scaling_factor(work_dir, vae, sample_batch):
+    """SD's scaling factor (1 / std of VAE latents, so latents have unit variance), fixed once.
+
+    Kept in work_dir/vae_scaling_factor.json: the UNet is trained on latents scaled by it, so a
+    resumed run must reuse it rather than re-estimate it from a fresh sample.
+    """
+    path = work_dir / "vae_scaling_factor.json"
+    if path.exists():
+        return json.loads(path.read_text())["scaling_factor"]
+    latents = vae.encode(sample_batch(512)[1]).latent_dist.sample()
+    factor = float(1.0 / latents.std())
+    path.write_text(json.dumps({"scaling_factor": factor}))
+    return factor
 
 
 @torch.no_grad()
