@@ -132,3 +132,42 @@ def test_sigterm_mid_training_unwinds_and_keeps_the_spending(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
     assert ledger_steps(out) == {"selection": 1, "dp_sgd": 2}
     assert list(out.iterdir()) == []
+
+
+def test_sigkill_of_a_real_process_loses_no_spending_and_resume_counts_it(tmp_path):
+    """kill -9 of the training process (no handler, no cleanup can run): the ledger already holds
+    every step that touched data, nothing is released, and the resumed run's report counts them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from script_runner import SCRIPT, tiny_argv
+
+    out = tmp_path / "run"
+    argv = tiny_argv(out, "--checkpointing_steps", 2, steps=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    try:
+        while ledger_steps(out).get("dp_sgd", 0) < 3:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the training process made no progress"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    spent = ledger_steps(out)
+    assert spent["selection"] == 1 and 3 <= spent["dp_sgd"] < 40
+    assert not out.exists() or list(out.iterdir()) == []  # nothing released by the killed run
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in work_dir(out).glob("checkpoint-*"))
+    assert checkpoints and max(checkpoints) <= spent["dp_sgd"]
+
+
+    run(out, "--resume_from_checkpoint", "latest", "--checkpointing_steps", 2, steps=40)
+    report = accounting.PrivacyReport.load(str(out / "privacy_report.json"))
+    final = ledger_steps(out)
+    assert final["dp_sgd"] >= 40 + spent["dp_sgd"] - max(checkpoints)  # lost steps are not refunded
+    assert dict((s["name"], s["steps"]) for s in report.stages) == {"selection": 1, "dp_sgd": final["dp_sgd"]}
