@@ -38,6 +38,11 @@ from peft_dp_saliency.diffusion import encode_dataset
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 
 TRAINING_SCRIPT = Path(__file__).resolve().parent / "train_dp_sapf.py"
+# The audit wants the most memorisation DP allows: LoRA of rank 16 on every Linear layer. The
+# saliency query still runs and is paid for (ratio 1 keeps all of them), so the audited release
+# is DP-SAPF's whole mechanism. A pilot with the training defaults (rank 4, 30% of attention
+# q/k/v) memorised too little for any bound (docs/audit.md).
+MEMORISING_TRAIN_ARGS = ("--candidate_pool", "all_linear", "--selection_ratio", "1", "--rank", "16")
 
 
 def parse_args(argv=None):
@@ -61,12 +66,13 @@ def parse_args(argv=None):
     p.add_argument("--canary_classes", choices=["existing", "own"], default="own",
                    help="Label canaries with the dataset's classes (round-robin) or give each its own class "
                         "and prompt ('An image of a canary 17'; a stronger canary).")
-    p.add_argument("--timesteps", nargs="+", type=int, default=[10, 25, 50, 100],
+    p.add_argument("--timesteps", nargs="+", type=int, default=[50, 100, 200, 400],
                    help="Where the loss is scored (small t: where memorisation shows).")
     p.add_argument("--noises_per_timestep", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.05, help="eps_lb holds with confidence 1 - alpha.")
-    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
-                   help="Further flags for train_dp_sapf.py (last option; e.g. --learning_rate 3e-3).")
+    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=list(MEMORISING_TRAIN_ARGS),
+                   help="Further flags for train_dp_sapf.py (last option). Default: "
+                        f"{' '.join(MEMORISING_TRAIN_ARGS)}.")
     return p.parse_args(argv)
 
 

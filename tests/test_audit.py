@@ -125,7 +125,7 @@ def test_tiny_audit_run_end_to_end(tmp_path):
     assert runs["inf"]["private"] is False and runs["10"]["private"] is True
     assert float(runs["10"]["epsilon_pld"]) <= 10
     for run in runs.values():
-        assert [a["statistic"] for a in run["attacks"]] == ["loss", "loss_gain"]
+        assert [a["statistic"] for a in run["attacks"]] == ["loss", "loss_gain", "loss_ratio"]
         for attack in run["attacks"]:
             assert 0 <= attack["eps_lb"] <= run["max_provable_epsilon"] + 1e-9
             assert 0 <= attack["eps_lb_one_run"] <= run["max_provable_epsilon_one_run"] + 1e-9

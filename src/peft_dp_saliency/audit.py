@@ -30,7 +30,8 @@ fixed (timestep, noise) pairs shared by all canaries and models:
 
 - ``loss``: minus the trained model's loss;
 - ``loss_gain``: the public model's loss minus the trained model's (calibrates each canary's
-  own difficulty, as in Carlini et al.'s reference-model attacks; the public model is public).
+  own difficulty, as in Carlini et al.'s reference-model attacks; the public model is public);
+- ``loss_ratio``: log(public loss / trained loss), the same calibration on a relative scale.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def mean_diffusion_loss(unet, noise_scheduler, data: EncodedDataset, timesteps: 
 
 
 def membership_scores(trained_loss: torch.Tensor, public_loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Attack statistics, higher = more likely a member."""
-    return {"loss": -trained_loss, "loss_gain": public_loss - trained_loss}
+    """Attack statistics, higher = more likely a member (each (m,))."""
+    return {"loss": -trained_loss, "loss_gain": public_loss - trained_loss,
+            "loss_ratio": torch.log(public_loss / trained_loss)}
 
 
 # ---------------------------------------------------------------------------------------------
