@@ -155,3 +155,23 @@ def test_disk_full_while_saving_releases_nothing_and_resume_writes_without_spend
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md", "adapter_config.json", "class_prompts.json", "privacy_report.json",
         "pytorch_lora_weights.safetensors", "samples.png", "selection.json"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--pretrained_model_name_or_path", "someone/some-model"], "cannot load the model someone/some-model"),
+    (["--dataset_name", "someone/some-dataset"], "cannot load the sensitive dataset"),
+])
+def test_hub_ids_offline_fail_cleanly_in_a_real_process(tmp_path, argv, match):
+    """The Hub code paths (from_pretrained, load_dataset) with HF_HUB_OFFLINE=1, as a user without a
+    network would hit them: a clear message on stderr, exit status 1, nothing spent or written."""
+    import sys
+
+    from script_runner import SCRIPT, tiny_argv
+
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT), *tiny_argv(out, *argv)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1 and match in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert ledger_steps(out) == {} and not out.exists() and not work_dir(out).exists()
