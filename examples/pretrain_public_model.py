@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, architecture
 from peft_dp_saliency.public_model.corpus import augment, build_corpus, random_captions
@@ -118,7 +119,11 @@ def main():
     logger.info("corpus: %d tiles", len(corpus))
     all_captions = [t.format(s) for stems in corpus.captions for s in stems
                     for t in ("an image of a {}", "a picture of a {}", "a photo of a {}")]
-    tokenizer = architecture.build_tokenizer(all_captions, args.work_dir / "tokenizer")
+    # BPE training orders equal-frequency tokens differently from run to run, so a resumed run
+    # must reuse the tokenizer its text encoder was trained with.
+    tokenizer_dir = args.work_dir / "tokenizer"
+    tokenizer = (CLIPTokenizer.from_pretrained(str(tokenizer_dir)) if (tokenizer_dir / "vocab.json").exists()
+                 else architecture.build_tokenizer(all_captions, tokenizer_dir))
 
     def sample_batch(size):
         indices = torch.multinomial(corpus.weights, size, replacement=True, generator=generator)
