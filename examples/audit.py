@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    help="Label canaries with the dataset's classes (round-robin) or give each its own class "
                         "and prompt ('An image of a canary 17'; a stronger canary).")
     p.add_argument("--timesteps", nargs="+", type=int, default=[50, 100, 200, 400],
-                   help="Where the loss is scored (small t: where memorisation shows).")
+                   help="Where the loss is scored (middle t: where a pilot found the membership signal).")
     p.add_argument("--noises_per_timestep", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.05, help="eps_lb holds with confidence 1 - alpha.")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=list(MEMORISING_TRAIN_ARGS),

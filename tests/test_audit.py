@@ -124,6 +124,7 @@ def test_tiny_audit_run_end_to_end(tmp_path):
     runs = {r["target_epsilon"]: r for r in results["runs"]}
     assert runs["inf"]["private"] is False and runs["10"]["private"] is True
     assert float(runs["10"]["epsilon_pld"]) <= 10
+    assert all(run["delta"] == 1e-3 for run in runs.values())  # --target_delta reaches the training runs
     for run in runs.values():
         assert [a["statistic"] for a in run["attacks"]] == ["loss", "loss_gain", "loss_ratio"]
         for attack in run["attacks"]:
