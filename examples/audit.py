@@ -6,7 +6,7 @@
 1. m random-pattern canaries (each with its own class "canary <i>" by default, or labelled
    round-robin with the existing classes); a random half is inserted into the sensitive set
    (the first --base_samples Fashion-MNIST images), the other half is held out.
-2. For each target epsilon, examples/train_dp_sapf.py trains on that set (its main(): the
+2. For each target epsilon, `peft_dp_saliency.train` trains on that set (its main(): the
    training defaults except the flags below).
 3. Each canary is scored by its diffusion loss under the trained adapter (averaged over fixed
    timesteps and noises) and by the gain over the public model; a threshold chosen on half of
@@ -19,11 +19,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,13 +29,12 @@ import datasets
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from peft_dp_saliency import accounting, audit
+from peft_dp_saliency import accounting, audit, train
 from peft_dp_saliency.data import (DEFAULT_PROMPT_TEMPLATE, SensitiveImageDataset, load_sensitive_dataset,
                                    make_prompts)
 from peft_dp_saliency.diffusion import encode_dataset
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 
-TRAINING_SCRIPT = Path(__file__).resolve().parent / "train_dp_sapf.py"
 # The audit wants the most memorisation DP allows: LoRA of rank 16 on every Linear layer. The
 # saliency query still runs and is paid for (ratio 1 keeps all of them), so the audited release
 # is DP-SAPF's whole mechanism. A pilot with the training defaults (rank 4, 30% of attention
@@ -74,16 +71,6 @@ def parse_args(argv=None):
                    help="Further flags for train_dp_sapf.py (last option). Default: "
                         f"{' '.join(MEMORISING_TRAIN_ARGS)}.")
     return p.parse_args(argv)
-
-
-def training_script():
-    """examples/train_dp_sapf.py as a module (the audit calls its main(), never a copy)."""
-    if "train_dp_sapf" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("train_dp_sapf", TRAINING_SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train_dp_sapf"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train_dp_sapf"]
 
 
 def to_pil(image: torch.Tensor):
@@ -142,7 +129,6 @@ def main(argv=None) -> dict:
     encoded = encode_dataset(pipe, canary_set, show_progress=False)
     public_loss = canary_losses(pipe, noise_scheduler, encoded, args)
 
-    script = training_script()
     results = {"setup": {"N": n, "base_samples": args.base_samples, "canaries": args.num_canaries,
                          "inserted": int(canaries.inserted.sum()), "target_delta": args.target_delta,
                          "max_train_steps": args.max_train_steps,
@@ -159,7 +145,7 @@ def main(argv=None) -> dict:
     for epsilon in args.target_epsilons:
         run_dir = out / f"eps-{epsilon_name(epsilon)}"
         started = time.time()
-        script.main(["--dataset_name", str(out / "sensitive_with_canaries"), "--output_dir", str(run_dir),
+        train.main(["--dataset_name", str(out / "sensitive_with_canaries"), "--output_dir", str(run_dir),
                      "--overwrite_output_dir", "--target_epsilon", str(epsilon),
                      "--max_train_steps", str(args.max_train_steps),
                      "--expected_batch_size", str(args.expected_batch_size),

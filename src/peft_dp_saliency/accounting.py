@@ -8,8 +8,12 @@ DP-SAPF releases two kinds of Gaussian mechanisms on the sensitive dataset of si
 - ``dp_sgd``: T steps of the Poisson-subsampled Gaussian mechanism with rate q and noise
   multiplier sigma (noise std sigma * C on the clipped sum).
 
-A mechanism is described by a :class:`Stage`; stages compose. Adjacency is add/remove one
-example, and N is treated as public (as in DP-LDM / DP-LoRA and the paper, Appendix C.1).
+A mechanism is described by a :class:`Stage`; stages compose. Adjacency (``ADJACENCIES``): the
+code divides by the fixed, public N and calibrates q = B/N from it, which proves DP for *zero-out*
+adjacency (one example replaced by a null example contributing nothing; dp_accounting's
+``NeighboringRelation.REPLACE_SPECIAL``), the default; for these Gaussian mechanisms its epsilons
+equal add/remove ones. ``replace_one`` (one example replaced by any other: sensitivity 2C) is offered
+for policies that need it; only the PLD accountant supports it for Poisson-subsampled stages.
 Two accountants are offered: ``"rdp"`` (Opacus' RDP analysis of the sampled Gaussian mechanism,
 converted with the Balle et al. 2020 bound) and ``"pld"`` (dp_accounting's privacy loss
 distributions, pessimistic estimate: tighter, still an upper bound). Epsilons are in nats.
@@ -46,7 +50,19 @@ PLD_DISCRETIZATION = 1e-3
 # Calibration searches noise multipliers in this range; above it the budget cannot be met.
 MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER = 1e-6, 1e6
 
-ADJACENCY = "add/remove one example; dataset size treated as public"
+# Both definitions cite Ponomareva et al. 2023, "How to DP-fy ML", Sec. 2.1.1 (the same source in
+# the report, the model card and docs/privacy.md).
+ADJACENCY_SOURCE = "Ponomareva et al. 2023, How to DP-fy ML, Sec. 2.1.1"
+ADJACENCIES = {
+    "zero_out": (dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+                 "zero-out: one example replaced by a null example that contributes nothing; the dataset "
+                 "size N is fixed and public (dp_accounting NeighboringRelation.REPLACE_SPECIAL; "
+                 f"{ADJACENCY_SOURCE})"),
+    "replace_one": (dp_accounting.NeighboringRelation.REPLACE_ONE,
+                    "replace-one: one example replaced by any other; N fixed and public (dp_accounting "
+                    f"NeighboringRelation.REPLACE_ONE; {ADJACENCY_SOURCE})"),
+}
+DEFAULT_ADJACENCY = "zero_out"
 NOISE_URANDOM = "os.urandom-seeded"
 NOISE_DETERMINISTIC = "deterministic (NOT PRIVATE: test only)"
 INF_JSON = "inf"  # how an infinite epsilon is written to JSON (a string: strict JSON has no inf)
@@ -115,10 +131,10 @@ def dp_sgd_stage(noise_multiplier: float, sample_rate: float, steps: int,
 
 
 def default_delta(n: int) -> float:
-    """The recommended delta 1 / (n ln n) for a dataset of n >= 2 examples."""
+    """The recommended delta 1 / (n ln n) for n >= 2 examples, at most 1 / (2 n) (so < 1/n for small n)."""
     if n < 2:
         raise ValueError(f"dataset size must be >= 2 to derive a default delta, got {n}")
-    return 1.0 / (n * math.log(n))
+    return 1.0 / (n * max(math.log(n), 2.0))
 
 
 def check_delta(delta: float, dataset_size: int | None = None) -> None:
@@ -149,6 +165,23 @@ def _check_accountant(accountant: str) -> None:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
+def check_adjacency(adjacency: str) -> None:
+    """Raise ValueError unless ``adjacency`` is a key of ADJACENCIES."""
+    if adjacency not in ADJACENCIES:
+        raise ValueError(f"adjacency must be one of {sorted(ADJACENCIES)}, got {adjacency!r}")
+
+
+def supports(accountant: str, stages, adjacency: str) -> bool:
+    """Whether ``accountant`` can account ``stages`` under ``adjacency``.
+
+    Opacus' RDP analysis of the sampled Gaussian holds for zero-out (= add/remove here); under
+    replace-one it covers only unsampled stages (sensitivity 2C, i.e. noise multiplier / 2).
+    """
+    _check_accountant(accountant)
+    check_adjacency(adjacency)
+    return accountant == "pld" or adjacency == "zero_out" or all(s.sample_rate == 1 for s in _active(stages))
+
+
 # ---------------------------------------------------------------------------------------------
 # Epsilon
 
@@ -158,9 +191,18 @@ def _active(stages) -> list[Stage]:
     return [stage for stage in stages if stage.steps > 0]
 
 
-def stage_rdp(stage: Stage) -> np.ndarray:
-    """RDP of one stage at every order of RDP_ORDERS (nats; inf if noise_multiplier is 0)."""
-    return opacus_rdp.compute_rdp(q=stage.sample_rate, noise_multiplier=stage.noise_multiplier,
+def stage_rdp(stage: Stage, adjacency: str = DEFAULT_ADJACENCY) -> np.ndarray:
+    """RDP of one stage at every order of RDP_ORDERS (nats; inf if noise_multiplier is 0).
+
+    Under replace-one only unsampled stages are supported (see :func:`supports`).
+    """
+    sigma = stage.noise_multiplier
+    if adjacency == "replace_one":
+        if stage.sample_rate != 1:
+            raise ValueError("the RDP accountant does not support replace_one adjacency with Poisson "
+                             "sampling; use accountant 'pld' (dp_accounting's REPLACE_ONE)")
+        sigma = sigma / 2  # sensitivity 2C under replacement
+    return opacus_rdp.compute_rdp(q=stage.sample_rate, noise_multiplier=sigma,
                                   steps=stage.steps, orders=list(RDP_ORDERS))
 
 
@@ -183,43 +225,49 @@ def _stage_event(stage: Stage) -> dp_accounting.DpEvent:
     return dp_accounting.SelfComposedDpEvent(event, stage.steps)
 
 
-def _pld_epsilon(stages: list[Stage], delta: float) -> float:
+def _pld_epsilon(stages: list[Stage], delta: float, adjacency: str) -> float:
     """Epsilon (nats) of the composed stages from dp_accounting's PLD accountant."""
     accountant = dp_accounting.pld.PLDAccountant(
-        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-        value_discretization_interval=PLD_DISCRETIZATION)
+        ADJACENCIES[adjacency][0], value_discretization_interval=PLD_DISCRETIZATION)
     accountant.compose(dp_accounting.ComposedDpEvent([_stage_event(s) for s in stages]))
     return max(0.0, float(accountant.get_epsilon(delta)))
 
 
 def compute_epsilon(stages, delta: float, accountant: str = "rdp",
-                    dataset_size: int | None = None) -> float:
-    """Epsilon (nats) of the composition of ``stages`` at ``delta``.
+                    dataset_size: int | None = None, adjacency: str = DEFAULT_ADJACENCY) -> float:
+    """Epsilon (nats) of the composition of ``stages`` at ``delta`` under ``adjacency``.
 
     Stages with steps == 0 contribute nothing; a stage with noise_multiplier 0 and steps > 0
     makes epsilon infinite. ``dataset_size`` (optional) enables the check delta < 1/N.
+    Raises ValueError if the accountant does not support the adjacency (:func:`supports`).
     """
-    _check_accountant(accountant)
     check_delta(delta, dataset_size)
+    if not supports(accountant, stages, adjacency):
+        raise ValueError(f"accountant {accountant!r} does not support {adjacency} adjacency for Poisson-"
+                         "subsampled stages; use accountant 'pld'")
     active = _active(stages)
     if not active:
         return 0.0
     if any(stage.noise_multiplier == 0 for stage in active):
         return math.inf
     if accountant == "pld":
-        return _pld_epsilon(active, delta)
-    return _rdp_epsilon_and_order(sum(stage_rdp(s) for s in active), delta)[0]
+        return _pld_epsilon(active, delta, adjacency)
+    return _rdp_epsilon_and_order(sum(stage_rdp(s, adjacency) for s in active), delta)[0]
 
 
-def budget_shares(stages, delta: float) -> dict[str, float]:
-    """Each stage's fraction of the composed RDP, at the order optimal for the composed epsilon.
+def budget_shares(stages, delta: float, accountant: str = "rdp",
+                  adjacency: str = DEFAULT_ADJACENCY) -> dict[str, float]:
+    """Each stage name's fraction of the budget, by ``accountant``.
 
-    share(name) = sum over stages called ``name`` of rdp_stage(a*) / rdp_total(a*), where a* is
-    the RDP order that minimises the composed epsilon at ``delta`` (the paper's Eq. in §3.4,
-    Table 10). Shares sum to 1 unless nothing was spent (all 0). If some stages are
-    non-private (infinite RDP), those stages share the budget equally and the others get 0.
+    rdp: share(name) = sum over stages called ``name`` of rdp_stage(a*) / rdp_total(a*), where a*
+    is the RDP order that minimises the composed epsilon at ``delta`` (the paper's Eq. in §3.4,
+    Table 10). pld: epsilon has no additive split, so share(name) = epsilon of that name's stages
+    alone / sum over names of the same (each at ``delta``). Shares sum to 1 unless nothing was
+    spent (all 0). If some stages are non-private, those share the budget equally, the others get 0.
     """
     check_delta(delta)
+    if accountant == "pld":
+        return _pld_shares(stages, delta, adjacency)
     shares = {stage.name: 0.0 for stage in stages}
     active = _active(stages)
     non_private = [stage for stage in active if stage.noise_multiplier == 0]
@@ -229,7 +277,7 @@ def budget_shares(stages, delta: float) -> dict[str, float]:
         return shares
     if not active:
         return shares
-    curves = [stage_rdp(stage) for stage in active]
+    curves = [stage_rdp(stage, adjacency) for stage in active]
     _, order = _rdp_epsilon_and_order(sum(curves), delta)
     index = RDP_ORDERS.index(order)
     total = sum(curve[index] for curve in curves)
@@ -238,13 +286,25 @@ def budget_shares(stages, delta: float) -> dict[str, float]:
     return shares
 
 
+def _pld_shares(stages, delta: float, adjacency: str) -> dict[str, float]:
+    names = list(dict.fromkeys(stage.name for stage in stages))
+    alone = {name: compute_epsilon([s for s in stages if s.name == name], delta, "pld", adjacency=adjacency)
+             for name in names}
+    infinite = [name for name in names if alone[name] == math.inf]
+    if infinite:
+        return {name: (1.0 / len(infinite) if name in infinite else 0.0) for name in names}
+    total = sum(alone.values())
+    return {name: (alone[name] / total if total > 0 else 0.0) for name in names}
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
                                steps: int, fixed_stages=(), accountant: str = "rdp",
-                               tolerance: float = 0.01, dataset_size: int | None = None) -> float:
+                               tolerance: float = 0.01, dataset_size: int | None = None,
+                               adjacency: str = DEFAULT_ADJACENCY) -> float:
     """Smallest DP-SGD noise multiplier such that fixed_stages + DP-SGD meet ``target_epsilon``.
 
     The returned sigma always satisfies compute_epsilon(fixed_stages + [dp_sgd(sigma)]) <=
@@ -262,6 +322,9 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     check_steps(steps)
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
+    if not supports(accountant, [dp_sgd_stage(1.0, sample_rate, 1, 1.0)], adjacency):
+        raise ValueError(f"accountant {accountant!r} cannot calibrate Poisson-subsampled DP-SGD under "
+                         f"{adjacency} adjacency; use accountant 'pld'")
     if target_epsilon == math.inf:
         return 0.0
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
@@ -269,7 +332,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
             f"target_epsilon must be a finite number > 0 (or inf for a non-private run), "
             f"got {target_epsilon}")
     fixed = list(fixed_stages)
-    fixed_epsilon = compute_epsilon(fixed, delta, accountant)
+    fixed_epsilon = compute_epsilon(fixed, delta, accountant, adjacency=adjacency)
     if fixed_epsilon >= target_epsilon:
         raise BudgetCannotBeMetError(_fixed_stages_message(fixed, fixed_epsilon, target_epsilon,
                                                            delta, accountant))
@@ -279,7 +342,7 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     def epsilon_at(sigma: float) -> float:
         # max_grad_norm does not enter epsilon (noise scales with C); 1.0 is a placeholder.
         return compute_epsilon(fixed + [dp_sgd_stage(sigma, sample_rate, steps, 1.0)],
-                               delta, accountant)
+                               delta, accountant, adjacency=adjacency)
 
     try:
         bracket = _bracket(epsilon_at, target_epsilon)
@@ -374,10 +437,23 @@ def write_json_atomic(path: str, payload) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp_path, path)
+        fsync_directory(directory)  # the rename itself survives a power loss
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def fsync_directory(directory: str) -> None:
+    """Flush a directory entry (after os.replace) to disk; a no-op where directories cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,9 +476,13 @@ def library_versions() -> dict[str, str]:
 class PrivacyReport:
     """The (epsilon, delta) guarantee of one run, as released next to the adapter.
 
-    epsilon: {"rdp": nats, "pld": nats}; an infinite value is written to JSON as the string
-    "inf" (as is an infinite target_epsilon) and read back as float("inf").
+    epsilon: {"rdp": nats, "pld": nats} (only the accountants that support the adjacency); an
+    infinite value is written to JSON as the string "inf" (as is an infinite target_epsilon) and
+    read back as float("inf").
     private: False if any epsilon is infinite or the noise was deterministic.
+    adjacency: the key of ADJACENCIES; adjacency_definition: its words and source.
+    budget_shares: each stage's share by ``budget_shares_accountant`` (the calibration accountant).
+    class_names: where the released class names came from (they are public input, not DP outputs).
     """
 
     dataset_size: int
@@ -414,25 +494,38 @@ class PrivacyReport:
     budget_shares: dict[str, float]
     private: bool
     noise_source: str = NOISE_URANDOM
-    adjacency: str = ADJACENCY
+    adjacency: str = DEFAULT_ADJACENCY
+    adjacency_definition: str = ADJACENCIES[DEFAULT_ADJACENCY][1]
+    budget_shares_accountant: str = "rdp"
+    class_names: str = "public"
     library_versions: dict[str, str] = field(default_factory=library_versions)
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, stages, dataset_size: int, delta: float, target_epsilon: float,
-              accountant: str, deterministic_noise: bool = False,
-              extra: dict | None = None) -> "PrivacyReport":
-        """Account ``stages`` under both accountants; ``accountant`` is the one calibrated with."""
-        _check_accountant(accountant)
+              accountant: str, deterministic_noise: bool = False, adjacency: str = DEFAULT_ADJACENCY,
+              class_names: str = "public", extra: dict | None = None) -> "PrivacyReport":
+        """Account ``stages`` under every accountant that supports ``adjacency``; ``accountant`` is
+        the one calibrated with (its epsilon is the guarantee, and it splits the budget)."""
         stages = list(stages)
-        epsilon = {name: compute_epsilon(stages, delta, name, dataset_size) for name in ACCOUNTANTS}
+        if not supports(accountant, stages, adjacency):
+            raise ValueError(f"accountant {accountant!r} does not support {adjacency} adjacency here")
+        epsilon = {name: compute_epsilon(stages, delta, name, dataset_size, adjacency)
+                   for name in ACCOUNTANTS if supports(name, stages, adjacency)}
         private = not deterministic_noise and all(math.isfinite(e) for e in epsilon.values())
         return cls(dataset_size=dataset_size, delta=delta, epsilon=epsilon,
                    stages=[stage.to_dict() for stage in stages], target_epsilon=target_epsilon,
-                   accountant=accountant, budget_shares=budget_shares(stages, delta),
+                   accountant=accountant, budget_shares=budget_shares(stages, delta, accountant, adjacency),
                    private=private,
                    noise_source=NOISE_DETERMINISTIC if deterministic_noise else NOISE_URANDOM,
+                   adjacency=adjacency, adjacency_definition=ADJACENCIES[adjacency][1],
+                   budget_shares_accountant=accountant, class_names=class_names,
                    extra=dict(extra or {}))
+
+    @property
+    def guarantee_epsilon(self) -> float:
+        """The epsilon of the calibration accountant: the one the run's guarantee states."""
+        return self.epsilon[self.accountant]
 
     def to_dict(self) -> dict:
         """JSON-ready dict (infinities as "inf")."""

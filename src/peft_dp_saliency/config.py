@@ -40,10 +40,12 @@ class SaliencyLoraConfig(LoraConfig):
     selection_max_grad_norm: float = field(default=1.0, metadata={
         "help": "C: per-sample gradients over ALL candidates are clipped jointly to this L2 norm."})
     selection_seed: Optional[int] = field(default=None, metadata={
-        "help": "Seed of the random strategy and of the query's data randomness (timesteps, diffusion noise). "
-                "The DP noise never derives from it unless deterministic_noise is set."})
+        "help": "Seed of the data-independent random strategy only (public). The query's randomness (DP "
+                "noise, each example's timestep and diffusion noise) never derives from it unless "
+                "deterministic_noise is set."})
     deterministic_noise: bool = field(default=False, metadata={
-        "help": "Derive the DP noise from selection_seed (tests only: the result is NOT private)."})
+        "help": "Derive the query's DP noise and diffusion randomness from selection_seed (tests only: the "
+                "result is NOT private)."})
     selection_result: Optional[dict[str, Any]] = field(default=None, metadata={
         "help": "Filled by select_target_modules: strategy, selected units, noisy scores (DP outputs) and the "
                 "mechanism's parameters. Safe to publish."})

@@ -16,7 +16,8 @@ existing folder with               a `datasets` dataset saved with ``save_to_dis
 ``state.json`` +                   (a ``dataset_dict.json`` folder is a DatasetDict: the
 ``dataset_info.json``              ``split`` is picked from it).
 other existing folder              imagefolder ``root/<class_name>/<image files>``; class
-                                   order = sorted subfolder names, file order = sorted names.
+                                   order = sorted subfolder names, file order = sorted names;
+                                   an empty class folder is a class with zero examples.
 anything else                      a Hugging Face Hub dataset name, loaded with
                                    ``datasets.load_dataset(source, split=split)``.
 =================================  ======================================================
@@ -54,6 +55,13 @@ above (N is then min(K, available)); only those are verified.
 Memory: Fashion-MNIST stays a (N, 28, 28) uint8 tensor and is converted per item; files and
 `datasets` rows are decoded per item. No size is assumed (32x32 and 512x512 work alike).
 
+Class names are public input, never read off the sensitive examples (one added or removed
+example must not change them, and they are released in prompts, cards and sample grids): a
+``datasets.ClassLabel`` feature's names, an imagefolder's folder names (the schema its owner chose),
+the DPImageBench names of Fashion-MNIST, or an explicit ``class_names`` list. A label column that is
+not a ClassLabel needs ``class_names`` (its values are matched to them as strings); without it the
+loader raises before anything is spent. ``class_names_source`` says which of these it was.
+
 Prompts: ``prompt_template.format(class_name)`` with the class name as spelled in the source
 (DPImageBench style, "An image of a T-shirt"); CLIP tokenizers lower-case text anyway.
 An explicit ``prompts`` list (one per class) overrides the template.
@@ -62,6 +70,7 @@ An explicit ``prompts`` list (one per class) overrides the template.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 from pathlib import Path
 
@@ -95,10 +104,11 @@ class SensitiveImageDataset(Dataset):
         labels: (N,) int64 labels of all items (no image is decoded to get them).
         resolution: R, the side of every output image in pixels.
         description: one line for reports and model cards (no file paths, no per-image data).
+        class_names_source: where the (public) class names came from, for reports and cards.
     """
 
     def __init__(self, images, labels: torch.Tensor, class_names: list[str], prompts: list[str],
-                 resolution: int, description: str):
+                 resolution: int, description: str, class_names_source: str = "given"):
         """`images[i]` must return an RGB PIL image of any size; `labels` is (N,) int64."""
         self._images = images
         self.labels = labels
@@ -106,6 +116,18 @@ class SensitiveImageDataset(Dataset):
         self.prompts = prompts
         self.resolution = resolution
         self.description = description
+        self.class_names_source = class_names_source
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of what identifies this data: N, labels, class names, resolution, description
+        and the image source's identity (file names, sizes and mtimes; a `datasets` fingerprint; or
+        the Fashion-MNIST pixels). Kept in the private work folder to refuse a resume on other data;
+        never released (it is a function of the sensitive data)."""
+        digest = hashlib.sha256()
+        digest.update(self.labels.numpy().tobytes())
+        for part in (self.class_names, self.resolution, self.description, self._images.identity()):
+            digest.update(repr(part).encode())
+        return digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -119,6 +141,7 @@ def load_sensitive_dataset(source: str | None = None, *, split: str = "train", r
                            image_column: str = "image", label_column: str = "label",
                            prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
                            prompts: list[str] | None = None,
+                           class_names: list[str] | None = None,
                            max_examples: int | None = None) -> SensitiveImageDataset:
     """Load, verify and describe the sensitive images; see the module docstring for the rules.
 
@@ -131,6 +154,8 @@ def load_sensitive_dataset(source: str | None = None, *, split: str = "train", r
             the default "image" column is absent).
         prompt_template: format string with one "{}" for the class name.
         prompts: one prompt per class, overriding `prompt_template`.
+        class_names: the public class list (index = label); required for a label column that is
+            not a ClassLabel, optional elsewhere (it then renames the source's classes, same count).
         max_examples: keep only the first K items (deterministic); N is then at most K.
     """
     if not isinstance(resolution, int) or resolution < 1:
@@ -138,21 +163,35 @@ def load_sensitive_dataset(source: str | None = None, *, split: str = "train", r
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be None or >= 1, got {max_examples}")
     if source is None or source == "fashion-mnist":
-        images, labels, class_names, origin = _load_fashion_mnist(split, max_examples)
+        images, labels, names, origin = _load_fashion_mnist(split, max_examples)
+        names_source = "the DPImageBench names of Fashion-MNIST's 10 classes"
         conversions = "28x28 grayscale zero-padded by 2 px per side to 32x32, replicated to RGB"
         if resolution != 32:
             conversions += f", resized to {resolution}x{resolution} (bilinear)"
     else:
-        images, labels, class_names, origin = _load_other(source, split, image_column,
-                                                          label_column, max_examples)
+        images, labels, names, names_source, origin = _load_other(
+            source, split, image_column, label_column, max_examples, class_names)
         conversions = _CONVERSIONS.format(r=resolution)
+    if class_names is not None:
+        names = _renamed(names, class_names)
+        names_source = "the class_names argument (--class_names)"
     if max_examples is not None:
         origin += f", first {max_examples} examples (max_examples)"
-    description = (f"{origin}; N={len(labels)}, {len(class_names)} classes; images "
+    description = (f"{origin}; N={len(labels)}, {len(names)} classes; images "
                    f"3x{resolution}x{resolution} in [-1, 1]: {conversions}")
-    return SensitiveImageDataset(images, labels, class_names,
-                                 make_prompts(class_names, prompt_template, prompts),
-                                 resolution, description)
+    return SensitiveImageDataset(images, labels, names, make_prompts(names, prompt_template, prompts),
+                                 resolution, description, names_source)
+
+
+def _renamed(names: list[str] | None, class_names: list[str]) -> list[str]:
+    """`class_names` checked against the source's own class list (None: the source has none)."""
+    if not class_names or not all(isinstance(name, str) and name for name in class_names) \
+            or len(set(class_names)) != len(class_names):
+        raise ValueError(f"class_names must be distinct non-empty strings, got {class_names!r}")
+    if names is not None and len(names) != len(class_names):
+        raise ValueError(f"class_names has {len(class_names)} names but the source defines "
+                         f"{len(names)} classes {names}; give one name per class, in label order")
+    return list(class_names)
 
 
 def make_prompts(class_names: list[str], template: str = DEFAULT_PROMPT_TEMPLATE,
@@ -253,6 +292,9 @@ class _FashionMnistImages:
     def __len__(self) -> int:
         return len(self.pixels)
 
+    def identity(self) -> str:
+        return hashlib.sha256(self.pixels.numpy().tobytes()).hexdigest()
+
     def __getitem__(self, index: int) -> Image.Image:
         padded = np.pad(self.pixels[index].numpy(), 2)
         return Image.fromarray(np.repeat(padded[:, :, None], 3, axis=2), mode="RGB")
@@ -296,8 +338,8 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 # Folders and `datasets` sources -----------------------------------------------------------
 
 def _load_other(source: str, split: str, image_column: str, label_column: str,
-                max_examples: int | None):
-    """Dispatch a non-Fashion-MNIST `source` to a saved dataset, an imagefolder or the Hub."""
+                max_examples: int | None, class_names: list[str] | None):
+    """Images, labels, class names (None if the source has no class list), their source, origin."""
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -308,7 +350,7 @@ def _load_other(source: str, split: str, image_column: str, label_column: str,
                                      f"available: {sorted(loaded)} (set split=...)")
                 loaded = loaded[split]
             origin = f"`datasets` dataset saved on disk, split {str(loaded.split or 'unspecified')!r}"
-            return _load_arrow(loaded, image_column, label_column, max_examples, origin)
+            return _load_arrow(loaded, image_column, label_column, max_examples, origin, class_names)
         return _load_imagefolder(path, max_examples)
     if path.exists():
         raise ValueError(f"{path} is a file; pass a folder (one subfolder per class), a "
@@ -317,7 +359,7 @@ def _load_other(source: str, split: str, image_column: str, label_column: str,
         raise ValueError(f"dataset folder {source} does not exist (and it is not a Hub name)")
     loaded = datasets.load_dataset(source, split=split)
     origin = f"Hub dataset {source}, split {split!r}"
-    return _load_arrow(loaded, image_column, label_column, max_examples, origin)
+    return _load_arrow(loaded, image_column, label_column, max_examples, origin, class_names)
 
 
 class _FileImages:
@@ -328,6 +370,10 @@ class _FileImages:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def identity(self) -> list:
+        return [(path.parent.name, path.name, path.stat().st_size, path.stat().st_mtime_ns)
+                for path in self.paths]
 
     def __getitem__(self, index: int) -> Image.Image:
         return _open_image(self.paths[index])
@@ -340,11 +386,16 @@ def _load_imagefolder(root: Path, max_examples: int | None):
     images = _FileImages(paths)
     _verify(images, lambda index: str(paths[index]))
     origin = "local imagefolder (one subfolder per class, sorted)"
-    return images, torch.tensor(labels, dtype=torch.int64), class_names, origin
+    return (images, torch.tensor(labels, dtype=torch.int64), class_names,
+            "the imagefolder's class folder names", origin)
 
 
 def _scan_imagefolder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Sorted file paths, their labels and the sorted class names; hidden entries skipped."""
+    """Sorted file paths, their labels and the sorted class names; hidden entries skipped.
+
+    Every class folder is a class, empty or not: the schema is the owner's choice, so whether a
+    class exists never depends on whether some example of it is present.
+    """
     entries = sorted(entry for entry in root.iterdir() if not entry.name.startswith("."))
     if not entries:
         raise ValueError(f"image folder {root} is empty; expected one subfolder per class "
@@ -356,8 +407,6 @@ def _scan_imagefolder(root: Path) -> tuple[list[Path], list[int], list[str]]:
         files = sorted(file for file in folder.iterdir() if not file.name.startswith("."))
         problems += [f"{file}: nested folder inside a class folder; move its images up or "
                      f"remove it" for file in files if file.is_dir()]
-        if not files:
-            problems.append(f"{folder}: class folder has no images; add images or remove it")
         labels += [len(class_names)] * len(files)
         paths += files
         class_names.append(folder.name)
@@ -378,6 +427,9 @@ class _ArrowImages:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def identity(self) -> str:
+        return self.dataset._fingerprint
+
     def __getitem__(self, index: int) -> Image.Image:
         cell = self.dataset[index][self.column]
         if cell["bytes"] is not None:
@@ -388,8 +440,8 @@ class _ArrowImages:
 
 
 def _load_arrow(dataset: datasets.Dataset, image_column: str, label_column: str,
-                max_examples: int | None, origin: str):
-    """Images, (N,) labels, class names and origin text of a `datasets.Dataset`."""
+                max_examples: int | None, origin: str, class_names: list[str] | None):
+    """Images, (N,) labels, class names, their source and origin text of a `datasets.Dataset`."""
     columns = dataset.column_names
     if image_column == "image" and "image" not in columns and "img" in columns:
         image_column = "img"
@@ -402,14 +454,19 @@ def _load_arrow(dataset: datasets.Dataset, image_column: str, label_column: str,
                          f"images (datasets.Image); pass image_column=<name>")
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
-    labels, class_names = _arrow_labels(dataset, label_column)
+    labels, names, names_source = _arrow_labels(dataset, label_column, class_names)
     images = _ArrowImages(dataset, image_column)
     _verify(images, lambda index: f"row {index} of column {image_column!r}")
-    return images, labels, class_names, origin
+    return images, labels, names, names_source, origin
 
 
-def _arrow_labels(dataset: datasets.Dataset, column: str) -> tuple[torch.Tensor, list[str]]:
-    """(N,) int64 labels and class names: from a ClassLabel, else sorted unique values as str."""
+def _arrow_labels(dataset: datasets.Dataset, column: str,
+                  class_names: list[str] | None) -> tuple[torch.Tensor, list[str] | None, str]:
+    """(N,) int64 labels, the class names (None: given by the caller) and where they come from.
+
+    A ClassLabel feature names its classes; any other column is matched, value by value as a
+    string, to the caller's public `class_names`, which it then requires.
+    """
     values = list(dataset[column])
     missing = [index for index, value in enumerate(values) if value is None]
     if missing:
@@ -422,12 +479,18 @@ def _arrow_labels(dataset: datasets.Dataset, column: str) -> tuple[torch.Tensor,
             raise ValueError(f"label column {column!r} has values outside 0..{feature.num_classes - 1}"
                              f" in rows {bad[:MAX_LISTED_PROBLEMS]} ({len(bad)} rows, e.g. "
                              f"{values[bad[0]]}); fix or remove them, or pick another label_column")
-        return torch.tensor(values, dtype=torch.int64), list(feature.names)
-    try:
-        unique = sorted(set(values))
-    except TypeError as err:
-        raise ValueError(f"label column {column!r} holds values that cannot be sorted or hashed "
-                         f"({type(values[0]).__name__}); pass label_column=<name>") from err
-    index_of = {value: index for index, value in enumerate(unique)}
-    return (torch.tensor([index_of[value] for value in values], dtype=torch.int64),
-            [str(value) for value in unique])
+        return (torch.tensor(values, dtype=torch.int64), list(feature.names),
+                f"the ClassLabel feature of column {column!r}")
+    if class_names is None:
+        raise ValueError(f"label column {column!r} is a {feature}, not a datasets.ClassLabel, so its "
+                         "class list would be read off the sensitive examples (one example can add or "
+                         "remove a class, and the names are released). Pass the public class list: "
+                         "--class_names NAME [NAME ...] (class_names=[...]), or cast the column to "
+                         "datasets.ClassLabel")
+    index_of = {name: index for index, name in enumerate(class_names)}
+    unknown = sorted({str(value) for value in values} - set(index_of))
+    if unknown:
+        raise ValueError(f"label column {column!r} holds values that are not in class_names "
+                         f"{class_names}: {unknown[:MAX_LISTED_PROBLEMS]}; add them to --class_names "
+                         "or fix the labels")
+    return torch.tensor([index_of[str(value)] for value in values], dtype=torch.int64), None, ""

@@ -63,7 +63,8 @@ class PoissonSampler:
 
     def __iter__(self):
         for _ in range(self.steps):
-            mask = torch.rand(len(self.shard), generator=self.generator) < self.sample_rate
+            # float64: in float32, P(u < q) is off by ~3e-6 relative for q = 256/60000
+            mask = torch.rand(len(self.shard), generator=self.generator, dtype=torch.float64) < self.sample_rate
             yield self.shard[mask]
 
 
@@ -108,15 +109,21 @@ class DPSGDSettings:
 
 
 class DPSGDStep:
-    """Computes the private gradient of one logical batch into the trainable parameters' .grad."""
+    """Computes the private gradient of one logical batch into the trainable parameters' .grad.
+
+    noise_gen draws the DP noise, diffusion_gen each example's (timestep, noise): both are part
+    of the mechanism and must be secret (``noise.noise_generator``), never seeded from --seed.
+    nonfinite_examples counts examples dropped for a NaN/inf gradient (local logs only).
+    """
 
     def __init__(self, unet, noise_scheduler, data: EncodedDataset, settings: DPSGDSettings,
-                 noise_gen: torch.Generator, data_gen: torch.Generator):
+                 noise_gen: torch.Generator, diffusion_gen: torch.Generator):
         self.unet, self.noise_scheduler, self.data, self.settings = unet, noise_scheduler, data, settings
         self.modules = trainable_linears(unet)
         self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
         self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm)
-        self.noise_gen, self.data_gen = noise_gen, data_gen
+        self.noise_gen, self.diffusion_gen = noise_gen, diffusion_gen
+        self.nonfinite_examples = 0
 
     def clipped_sum(self, indices: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
         """Sum of jointly clipped per-sample gradients of `indices` (float32) and the summed loss."""
@@ -125,7 +132,7 @@ class DPSGDStep:
         loss_sum = 0.0
         latents_all = self.data.latents
         noise, timesteps = draw_diffusion_inputs(len(indices), latents_all.shape[1:], self.noise_scheduler,
-                                                 self.data_gen, latents_all.device, latents_all.dtype)
+                                                 self.diffusion_gen, latents_all.device, latents_all.dtype)
         size = self.settings.micro_batch_size
         for start, micro in zip(range(0, len(indices), size), indices.split(size)):
             latents, states = self.data.batch(micro)
@@ -135,7 +142,9 @@ class DPSGDStep:
                 clipped = self.clipper.clipped_sums(loss)
             for name, value in clipped.sums.items():
                 sums[name] += value
-            loss_sum += float(loss.detach().sum())
+            self.nonfinite_examples += clipped.nonfinite
+            finite_loss = loss.detach()[torch.isfinite(loss.detach())]
+            loss_sum += float(finite_loss.sum())
         return sums, loss_sum
 
     def __call__(self, indices: torch.Tensor) -> float:

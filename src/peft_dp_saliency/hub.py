@@ -55,17 +55,17 @@ def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
     output_dir.mkdir(parents=True, exist_ok=True)
     if matrix_deltas is None:
         peft_state = get_peft_model_state_dict(unet)
-        metadata = config.lora_config_dict()
-    else:
+        released_config = config
+    else:  # the config must describe the full-rank weights actually written, not the rank-r LoRA
         peft_state, ranks = full_rank_lora_state(matrix_deltas)
-        metadata = SaliencyLoraConfig(
-            r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=list(ranks),
-            rank_pattern=ranks, alpha_pattern=ranks).lora_config_dict()
+        released_config = SaliencyLoraConfig(
+            **{**config.selection_dict(), "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
+               "target_modules": list(ranks), "rank_pattern": ranks, "alpha_pattern": ranks})
     state = convert_state_dict_to_diffusers(peft_state)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-adapter-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
-                                                  unet_lora_adapter_metadata=metadata)
-        config.save_pretrained(tmp)
+                                                  unet_lora_adapter_metadata=released_config.lora_config_dict())
+        released_config.save_pretrained(tmp)
         for name in (LORA_WEIGHTS, "adapter_config.json"):
             os.replace(Path(tmp) / name, output_dir / name)
 
@@ -118,9 +118,14 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
                repo_id: str | None) -> ModelCard:
     """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits."""
-    eps = report.epsilon
-    guarantee = (f"({eps['pld']:.3g}, {report.delta:.3g})-DP (PLD accountant; RDP gives epsilon "
-                 f"{eps['rdp']:.3g})" if report.private else "**none: this run is NOT private**")
+    others = ", ".join(f"{name.upper()} gives epsilon {value:.3g}" for name, value in report.epsilon.items()
+                       if name != report.accountant)
+    guarantee = (f"({report.guarantee_epsilon:.3g}, {report.delta:.3g})-DP ({report.accountant.upper()} "
+                 f"accountant{'; ' + others if others else ''})" if report.private
+                 else "**none: this run is NOT private**")
+    if report.private and report.guarantee_epsilon > report.target_epsilon:
+        guarantee += (f". **Over budget: the target was epsilon {report.target_epsilon:g}; released anyway "
+                      "with --allow_over_budget_release**")
     stages = "\n".join(f"| {s['name']} | {s['noise_multiplier']:.4g} | {s['sample_rate']:.4g} | {s['steps']} "
                        f"| {float(s['max_grad_norm']):.3g} |" for s in report.stages)
     load_path = repo_id or "path/to/output_dir"
@@ -137,7 +142,7 @@ LoRA adapters trained with differential privacy (DP-SAPF: saliency-aware selecti
 matrices, then DP-SGD) on a sensitive dataset.
 
 ## Privacy guarantee
-Guarantee: {guarantee}, for add/remove of one training example, with the dataset size treated as public.
+Guarantee: {guarantee}, under {report.adjacency_definition}.
 Everything in this repository (adapter, selection scores, samples, this card) is a post-processing of the
 DP mechanisms below, so it carries the same guarantee. Stages composed by the accountant:
 
@@ -151,7 +156,8 @@ noise source: {report.noise_source}. Full numbers: `privacy_report.json` (recomp
 ## Training data
 {dataset_description}
 
-Class prompts: {", ".join(repr(p) for p in class_prompts)}
+Class prompts: {", ".join(repr(p) for p in class_prompts)}. Class names: {report.class_names} (public input,
+not derived from the examples).
 
 ## Selected matrices ({config.selection_strategy}, pool {config.candidate_pool}, unit {config.selection_unit}, ratio {config.selection_ratio})
 {selection_table}

@@ -31,10 +31,13 @@ class ClippedSums:
     sums: parameter name ('<module>.weight' / '<module>.bias') -> sum over the batch of the
         jointly clipped per-sample gradients, same shape as the parameter, float32.
     norms: (B,) per-sample gradient norms before clipping (float32; never leave the process).
+    nonfinite: how many examples had a NaN/inf gradient norm; they got clipping factor 0 (their
+        contribution is dropped, still a clipped-sum mechanism). Local logs only.
     """
 
     sums: dict[str, torch.Tensor]
     norms: torch.Tensor
+    nonfinite: int = 0
 
 
 def use_ghost_norm(tokens: int, d_in: int, d_out: int) -> bool:
@@ -106,11 +109,15 @@ class PerSampleClipper:
             sq_norms += layer.sq_norms()
         self._records.clear()
         norms = sq_norms.sqrt()
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        finite = torch.isfinite(norms)
+        # NaN survives clamp and 0 * inf is NaN: a non-finite example gets factor 0 and its
+        # pieces are zeroed before weighting, so one bad example cannot poison the sum.
+        factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0),
+                              torch.zeros_like(norms))
         sums = {}
         for name, layer in pieces.items():
-            sums.update({f"{name}.{k}": v for k, v in layer.weighted_sums(factors).items()})
-        return ClippedSums(sums=sums, norms=norms)
+            sums.update({f"{name}.{k}": v for k, v in layer.weighted_sums(factors, finite).items()})
+        return ClippedSums(sums=sums, norms=norms, nonfinite=int((~finite).sum()))
 
 
 class _LayerGrad:
@@ -130,14 +137,17 @@ class _LayerGrad:
             sq = sq + self.g.sum(1).pow(2).sum(1)
         return sq
 
-    def weighted_sums(self, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def weighted_sums(self, factors: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sum_b factors[b] G_b over the examples with keep[b] (the others are zeroed first)."""
+        keep3 = keep[:, None, None]
+        g = torch.where(keep3, self.g, 0.0)
         if self.materialised is not None:
-            weight = torch.einsum("b,boi->oi", factors, self.materialised)
+            weight = torch.einsum("b,boi->oi", factors, torch.where(keep3, self.materialised, 0.0))
         else:
-            weight = torch.einsum("bto,bti->oi", self.g * factors[:, None, None], self.x)
+            weight = torch.einsum("bto,bti->oi", g * factors[:, None, None], torch.where(keep3, self.x, 0.0))
         out = {"weight": weight}
         if self.with_bias:
-            out["bias"] = torch.einsum("b,bo->o", factors, self.g.sum(1))
+            out["bias"] = torch.einsum("b,bo->o", factors, g.sum(1))
         return out
 
 

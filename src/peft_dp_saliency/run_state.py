@@ -90,15 +90,38 @@ class RunState:
         if self.ledger is not None:
             self.ledger.record(name, noise_multiplier, sample_rate, max_grad_norm)
 
-    def plan(self, compute) -> dict:
-        """The privacy plan of this run: loaded when resuming, else compute() and saved."""
+    def plan(self, inputs: dict, calibrate) -> dict:
+        """The privacy plan: `inputs` (what it depends on) plus calibrate()'s results, saved in plan.json.
+
+        A resumed run loads the saved plan and must have the same inputs (dataset size and fingerprint,
+        steps, batch, clipping norm, accountant, adjacency, target, ...): any difference exits naming
+        the changed fields, before anything is spent.
+        """
         path = self.work_dir / "plan.json"
         if self.resume and path.exists():
-            return {k: float(v) if isinstance(v, str) else v for k, v in json.loads(path.read_text()).items()}
-        plan = compute()
+            saved = _plan_from_json(json.loads(path.read_text()))
+            changed = [f"{key}: was {saved.get(key, '(not recorded)')!r}, now {value!r}"
+                       for key, value in _plan_from_json(_plan_to_json(inputs)).items() if saved.get(key) != value]
+            if changed:
+                raise SystemExit(f"--resume_from_checkpoint: {self.work_dir} holds a different run ("
+                                 + "; ".join(changed) + "). Resume with the data and flags it was started with, "
+                                 "or start a new run in another --output_dir. Nothing was spent.")
+            return saved
+        plan = {**inputs, **calibrate()}
         if self.is_main:
-            write_json_atomic(str(path), {k: (str(v) if v == float("inf") else v) for k, v in plan.items()})
+            write_json_atomic(str(path), _plan_to_json(plan))
         return plan
+
+    def log_training_loss(self, step: int, loss: float, nonfinite_examples: int) -> None:
+        """Append the un-noised training loss to <work_dir>/train_loss.csv (never released)."""
+        if not self.is_main:
+            return
+        path = self.work_dir / "train_loss.csv"
+        new = not path.exists()
+        with path.open("a", encoding="utf-8") as file:
+            if new:
+                file.write("step,train_loss_not_private,nonfinite_examples_so_far\n")
+            file.write(f"{step},{loss:.6g},{nonfinite_examples}\n")
 
     def selection(self) -> SelectionResult | None:
         path = self.work_dir / "selection.json"
@@ -152,6 +175,14 @@ class RunState:
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
         return int(saved["step"])
+
+
+def _plan_to_json(plan: dict) -> dict:
+    return {k: ("inf" if isinstance(v, float) and v == float("inf") else v) for k, v in plan.items()}
+
+
+def _plan_from_json(plan: dict) -> dict:
+    return {k: (float("inf") if v == "inf" else v) for k, v in plan.items()}
 
 
 def _probe_write(folder: Path) -> None:

@@ -32,14 +32,20 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--selection_batch_size", type=int, default=64)
 
 
-def config_from_args(args, data_seed: int, **lora_fields) -> SaliencyLoraConfig:
-    """A SaliencyLoraConfig from the selection flags (plus any LoRA fields)."""
+def config_from_args(args, seed: int | None, **lora_fields) -> SaliencyLoraConfig:
+    """A SaliencyLoraConfig from the selection flags (plus any LoRA fields).
+
+    `seed` (the public --seed) is kept only where it is used: the data-independent random strategy,
+    or --deterministic_noise (tests); the saliency query's randomness is otherwise secret.
+    """
+    deterministic = getattr(args, "deterministic_noise", False)
+    data_seed = seed if args.selection_strategy == "random" or deterministic else None
     return SaliencyLoraConfig(
         candidate_pool=args.candidate_pool, selection_unit=args.selection_unit,
         selection_ratio=args.selection_ratio, selection_strategy=args.selection_strategy,
         saliency_score=args.saliency_score, selection_noise_multiplier=args.selection_noise_multiplier,
         selection_max_grad_norm=args.selection_max_grad_norm, selection_seed=data_seed,
-        deterministic_noise=getattr(args, "deterministic_noise", False), **lora_fields)
+        deterministic_noise=deterministic, **lora_fields)
 
 
 def main(argv=None) -> dict:
@@ -56,7 +62,11 @@ def main(argv=None) -> dict:
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
-    p.add_argument("--seed", type=int, default=None, help="Data randomness only; never the DP noise.")
+    p.add_argument("--seed", type=int, default=None,
+                   help="Seeds the random strategy only; never the query's randomness (unless --deterministic_noise).")
+    p.add_argument("--class_names", nargs="+", default=None,
+                   help="The public class list (required when the label column is not a datasets.ClassLabel).")
+    p.add_argument("--adjacency", default=accounting.DEFAULT_ADJACENCY, choices=sorted(accounting.ADJACENCIES))
     p.add_argument("--deterministic_noise", action="store_true", help="Tests only: NOT private.")
     p.add_argument("--output_json", type=Path, required=True)
     add_selection_arguments(p)
@@ -69,19 +79,19 @@ def main(argv=None) -> dict:
     pipe.unet.requires_grad_(False)
     resolution = args.resolution or int(pipe.vae.config.sample_size)
     dataset = load_sensitive_dataset(args.train_data_dir or args.dataset_name, resolution=resolution,
-                                     max_examples=args.max_train_samples)
+                                     class_names=args.class_names, max_examples=args.max_train_samples)
     delta = args.target_delta if args.target_delta is not None else accounting.default_delta(len(dataset))
     accounting.check_delta(delta, len(dataset))
     data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size)
-    seed = args.seed if args.seed is not None else int(torch.seed() % 2**31)
-    config = config_from_args(args, seed)
+    config = config_from_args(args, args.seed)
     scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     result = select_target_modules(pipe.unet, scheduler, data, config, args.selection_batch_size)
     out = result.to_dict()
     if result.mechanism is not None:
         stages = [accounting.selection_stage(config.selection_noise_multiplier, config.selection_max_grad_norm)]
-        out["privacy"] = {"delta": delta, "dataset_size": len(dataset),
-                          "epsilon": {a: accounting.compute_epsilon(stages, delta, a) for a in accounting.ACCOUNTANTS},
+        out["privacy"] = {"delta": delta, "dataset_size": len(dataset), "adjacency": args.adjacency,
+                          "epsilon": {a: accounting.compute_epsilon(stages, delta, a, adjacency=args.adjacency)
+                                      for a in accounting.ACCOUNTANTS},
                           "noise": "deterministic (NOT PRIVATE)" if args.deterministic_noise else "os.urandom-seeded"}
     accounting.write_json_atomic(str(args.output_json), out)
     print(result.table())

@@ -9,6 +9,7 @@ parameters go into the result for the accountant.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +22,8 @@ from .config import SaliencyLoraConfig
 from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,10 +78,13 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     clipper = PerSampleClipper(candidates, config.selection_max_grad_norm)
     sums = {f"{name}.weight": torch.zeros(m.weight.shape, dtype=torch.float32, device=device)
             for name, m in candidates.items()}
-    data_seed = config.selection_seed if config.selection_seed is not None else torch.seed()
-    data_generator = torch.Generator(device=device).manual_seed(data_seed + rank)
+    # (timestep, noise) of each example is part of the mechanism: drawn from a secret generator
+    # (os.urandom), never from the public seed, unless deterministic_noise (tests: NOT private).
+    seed = config.selection_seed if config.deterministic_noise else None
+    data_generator = noise_generator(device, None if seed is None else seed + 1 + rank)
     shard = torch.arange(rank, n, world, device=device)  # every example exactly once over processes
     batches = shard.split(batch_size)
+    nonfinite = 0
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
         latents, states = data.batch(indices)
         noise, timesteps = draw_diffusion_inputs(len(indices), latents.shape[1:], noise_scheduler,
@@ -88,6 +94,10 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
             clipped = clipper.clipped_sums(loss)
         for key, value in clipped.sums.items():
             sums[key] += value
+        nonfinite += clipped.nonfinite
+    if nonfinite:
+        logger.warning("saliency query: %d example(s) had a non-finite gradient and were dropped (factor 0)",
+                       nonfinite)
     std = config.selection_noise_multiplier * config.selection_max_grad_norm
     noise_seed = config.selection_seed if config.deterministic_noise else None
     noisy_sums = sum_and_add_noise_once(sums, std, noise_generator(device, noise_seed))

@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""DP-SAPF: differentially private saliency-aware LoRA fine-tuning of a text-to-image model.
+
+    accelerate launch examples/train_dp_sapf.py --target_epsilon 10 --output_dir dp-sapf-fmnist
+    python -m peft_dp_saliency.train --help
+
+With no flags it adapts the embedded public model to Fashion-MNIST (Debian's dataset-fashion-mnist).
+Stages: (1) private saliency query over all candidate matrices -> target_modules, (2) LoRA on those
+matrices trained with DP-SGD (Poisson sampling, per-sample clipping, noise once per step),
+(3) one accountant for both, (4) release: adapter, privacy report, samples, model card [, Hub push].
+
+Baselines by flags: --selection_strategy all (DP-LoRA), random, --selection_unit layer,
+--candidate_pool attn_qkvo, --no_lora (DP-SGD on the selected matrices), --target_epsilon inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from tqdm.auto import tqdm
+
+from peft_dp_saliency import accounting, hub
+from peft_dp_saliency.candidates import find_candidates
+from peft_dp_saliency.data import load_sensitive_dataset
+from peft_dp_saliency.diffusion import encode_dataset
+from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
+from peft_dp_saliency.noise import noise_generator
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+from peft_dp_saliency.run_state import RunState
+from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
+from peft_dp_saliency.select import add_selection_arguments, config_from_args
+from peft_dp_saliency.selection import SelectionResult, select_target_modules
+
+logger = logging.getLogger("train_dp_sapf")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model and data (names as in diffusers' train_text_to_image_lora.py)")
+    g.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None)
+    g.add_argument("--dataset_name", default=None,
+                   help="A datasets Hub name or a saved dataset folder; default: Debian's Fashion-MNIST.")
+    g.add_argument("--train_data_dir", default=None, help="An imagefolder (one subfolder per class).")
+    g.add_argument("--image_column", default="image")
+    g.add_argument("--label_column", default="label")
+    g.add_argument("--prompt_template", default="An image of a {}")
+    g.add_argument("--class_names", nargs="+", default=None,
+                   help="The public class list, in label order (required when the label column is not a "
+                        "datasets.ClassLabel: class names are released, so they must never be read off the data).")
+    g.add_argument("--class_prompts", nargs="+", default=None,
+                   help="One prompt per class (overrides --prompt_template).")
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Use the first K examples only (N = K in the privacy analysis).")
+    g.add_argument("--resolution", type=int, default=None, help="Default: the VAE's sample_size.")
+    g = p.add_argument_group("training")
+    g.add_argument("--output_dir", default="dp-sapf-model")
+    g.add_argument("--checkpoint_dir", default=None,
+                   help="Checkpoints, spending ledger and local logs (not published). Default: <output_dir>-work.")
+    g.add_argument("--overwrite_output_dir", action="store_true")
+    g.add_argument("--rank", type=int, default=4)
+    g.add_argument("--lora_alpha", type=float, default=None, help="Default: rank.")
+    g.add_argument("--no_lora", action="store_true", help="DP-SGD directly on the selected matrices.")
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--lr_scheduler", default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_train_steps", type=int, default=200)
+    g.add_argument("--train_batch_size", type=int, default=64, help="Micro-batch (memory only).")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    g.add_argument("--checkpointing_steps", type=int, default=50)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    g.add_argument("--seed", type=int, default=None,
+                   help="Seeds what is data-independent (LoRA init, random selection, sample grids). Never the "
+                        "mechanisms' randomness (DP noise, Poisson sampling, timesteps and diffusion noise of "
+                        "each example), which is secret (os.urandom), unless --deterministic_noise.")
+    g.add_argument("--report_to", default=None,
+                   help="accelerate trackers (tensorboard, wandb). They receive only public or DP values: the "
+                        "hyperparameters (no token, no local path), the learning rate, the steps spent and "
+                        "samples. The un-noised training loss goes to <output_dir>-work/train_loss.csv only.")
+    g.add_argument("--report_nonprivate_training_loss", action="store_true",
+                   help="ALSO send the un-noised training loss (computed on the sensitive data, NOT covered by "
+                        "the DP guarantee) to the --report_to trackers. Off by default.")
+    g.add_argument("--validation_prompt", default=None, help="Default: the class prompts.")
+    g.add_argument("--num_validation_images", type=int, default=8)
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None)
+    g = p.add_argument_group("differential privacy")
+    g.add_argument("--target_epsilon", type=float, default=10.0, help="'inf' trains without privacy.")
+    g.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--expected_batch_size", type=int, default=256, help="Logical batch: q = this / N.")
+    g.add_argument("--accountant", default="pld", choices=list(accounting.ACCOUNTANTS))
+    g.add_argument("--adjacency", default=accounting.DEFAULT_ADJACENCY, choices=sorted(accounting.ADJACENCIES),
+                   help="zero_out: one example replaced by a null example, N public (what dividing by the fixed N "
+                        "proves); replace_one: one example replaced by another (sensitivity 2C; PLD only).")
+    g.add_argument("--allow_over_budget_release", action="store_true",
+                   help="Release even if the spent epsilon exceeds --target_epsilon (the model card says so). "
+                        "Without it such a run stops before spending more and releases nothing.")
+    g.add_argument("--deterministic_noise", action="store_true",
+                   help="Tests only: seed every mechanism's randomness from --seed. NOT private.")
+    add_selection_arguments(p)
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """Errors that need no data: raised before anything is read or written."""
+    problems = []
+    if math.isnan(args.target_epsilon) or args.target_epsilon <= 0:
+        problems.append(f"--target_epsilon must be > 0 (or inf for non-private), got {args.target_epsilon}")
+    if args.target_delta is not None and not 0 < args.target_delta < 1:
+        problems.append(f"--target_delta must be in (0, 1) (and < 1/N), got {args.target_delta}")
+    if not 0 < args.selection_ratio <= 1:
+        problems.append(f"--selection_ratio must be in (0, 1], got {args.selection_ratio}")
+    for flag in ("max_grad_norm", "expected_batch_size", "train_batch_size", "max_train_steps", "rank",
+                 "learning_rate", "selection_batch_size", "selection_noise_multiplier",
+                 "selection_max_grad_norm", "checkpointing_steps", "num_validation_images"):
+        if not getattr(args, flag) > 0:
+            problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.max_train_samples is not None and args.max_train_samples < 2:
+        problems.append(f"--max_train_samples must be >= 2, got {args.max_train_samples}")
+    if args.push_to_hub and not args.hub_model_id:
+        problems.append("--push_to_hub needs --hub_model_id")
+    if args.report_to and "wandb" in args.report_to and args.hub_token is not None:
+        problems.append("--report_to wandb and --hub_token cannot be used together (the token could be "
+                        "exposed): authenticate with `hf auth login` instead")
+    if args.deterministic_noise and args.seed is None:
+        problems.append("--deterministic_noise needs --seed")
+    if args.adjacency == "replace_one" and args.accountant != "pld" and math.isfinite(args.target_epsilon):
+        problems.append("--adjacency replace_one needs --accountant pld (the RDP accountant here has no "
+                        "replace-one analysis of Poisson sampling)")
+    if args.dataset_name and args.train_data_dir:
+        problems.append("give either --dataset_name or --train_data_dir, not both")
+    if problems:
+        raise SystemExit("invalid arguments: " + "\n  ".join(problems))
+
+
+def check_model_folder(path: str) -> None:
+    """A local --pretrained_model_name_or_path must be a diffusers Stable Diffusion folder."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise SystemExit(f"--pretrained_model_name_or_path {path} does not exist (and is not a Hub model id)")
+        return  # a Hub model id: from_pretrained reports what is wrong with it
+    missing = [name for name in ("model_index.json", "unet/config.json", "vae/config.json",
+                                 "text_encoder/config.json", "scheduler/scheduler_config.json")
+               if not (folder / name).is_file()]
+    if missing or not (folder / "tokenizer").is_dir():
+        raise SystemExit(f"--pretrained_model_name_or_path {path} is not a diffusers Stable Diffusion folder "
+                         f"(missing {', '.join(missing) or 'tokenizer/'}): pass a folder saved with "
+                         "StableDiffusionPipeline.save_pretrained or a Hub model id")
+
+
+@contextmanager
+def input_errors(what: str):
+    """Turn the library's input errors during setup (before any spending) into a one-line exit."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"{what}: {error}") from error
+
+
+def plan_inputs(args, dataset) -> dict:
+    """Everything the privacy plan depends on; a resumed run must match it field by field."""
+    n = len(dataset)
+    if args.expected_batch_size > n:
+        raise SystemExit(f"--expected_batch_size {args.expected_batch_size} exceeds the dataset size {n}: "
+                         "lower it (the sampling rate q = batch / N must be <= 1)")
+    delta = args.target_delta if args.target_delta is not None else accounting.default_delta(n)
+    with input_errors("--target_delta"):
+        accounting.check_delta(delta, n)
+    return {"dataset_size": n, "dataset_fingerprint": dataset.fingerprint(), "target_epsilon": args.target_epsilon,
+            "delta": delta, "accountant": args.accountant, "adjacency": args.adjacency,
+            "max_train_steps": args.max_train_steps, "expected_batch_size": args.expected_batch_size,
+            "max_grad_norm": args.max_grad_norm, "selection_strategy": args.selection_strategy,
+            "selection_noise_multiplier": args.selection_noise_multiplier,
+            "selection_max_grad_norm": args.selection_max_grad_norm}
+
+
+def calibrate_plan(inputs: dict) -> dict:
+    """Sampling rate, calibrated sigma and effective clipping norm (inf: non-private, no clipping).
+
+    Fails (BudgetCannotBeMetError -> exit) before any data is touched.
+    """
+    private = math.isfinite(inputs["target_epsilon"])
+    sigma = dp_sgd_noise(inputs, planned_spending(inputs), inputs["max_train_steps"]) if private else 0.0
+    return {"sample_rate": inputs["expected_batch_size"] / inputs["dataset_size"], "noise_multiplier": sigma,
+            "effective_max_grad_norm": inputs["max_grad_norm"] if private else math.inf}
+
+
+def planned_spending(plan: dict) -> list:
+    """The stages a run spends before DP-SGD: the selection query, if the strategy reads the data."""
+    if plan["selection_strategy"] != "saliency":
+        return []
+    return [accounting.selection_stage(plan["selection_noise_multiplier"], plan["selection_max_grad_norm"])]
+
+
+def dp_sgd_noise(plan: dict, spent: list, steps: int) -> float:
+    """The smallest DP-SGD noise multiplier for `steps` more steps after the `spent` stages."""
+    with input_errors("--target_epsilon"):
+        return accounting.calibrate_noise_multiplier(
+            plan["target_epsilon"], plan["delta"], plan["expected_batch_size"] / plan["dataset_size"], steps,
+            fixed_stages=spent, accountant=plan["accountant"], dataset_size=plan["dataset_size"],
+            adjacency=plan["adjacency"])
+
+
+def noise_for_remaining_steps(plan: dict, spent: list, steps: int, allow_over_budget: bool) -> float:
+    """The noise multiplier for the next `steps` DP-SGD steps, given what the ledger already holds.
+
+    The plan's sigma, unless spending beyond the plan (a selection query or DP-SGD steps that ran
+    again after a crash) would push epsilon over the target: then sigma is raised so the total
+    still meets it (spend less, never more). If no sigma can, the run stops before spending more,
+    unless `allow_over_budget` (the release then states the overspend).
+    """
+    sigma = plan["noise_multiplier"]
+    if not math.isfinite(plan["target_epsilon"]) or steps == 0:
+        return sigma
+    stages = spent + [accounting.dp_sgd_stage(sigma, plan["sample_rate"], steps, 1.0)]
+    if accounting.compute_epsilon(stages, plan["delta"], plan["accountant"],
+                                  adjacency=plan["adjacency"]) <= plan["target_epsilon"]:
+        return sigma
+    try:
+        raised = accounting.calibrate_noise_multiplier(
+            plan["target_epsilon"], plan["delta"], plan["sample_rate"], steps, fixed_stages=spent,
+            accountant=plan["accountant"], adjacency=plan["adjacency"])
+    except accounting.BudgetCannotBeMetError as error:
+        if allow_over_budget:
+            logger.warning("over budget (--allow_over_budget_release): %s", error)
+            return sigma
+        raise SystemExit(f"resuming cannot stay within the privacy budget: {error}. Nothing more was spent "
+                         "and nothing is released; --allow_over_budget_release trains and releases anyway "
+                         "(the model card then states the overspend)") from None
+    logger.warning("the ledger holds spending beyond the plan (runs interrupted after spending): the DP-SGD "
+                   "noise multiplier is raised from %.4g to %.4g for the remaining %d steps to stay within "
+                   "epsilon %.4g", sigma, raised, steps, plan["target_epsilon"])
+    return raised
+
+
+def make_accelerator(args, work_dir: Path) -> Accelerator:
+    """The Accelerator; several processes without a GPU run on CPU with gloo.
+
+    `accelerate launch --multi_gpu --num_processes 2` (or torchrun) on a CPU-only machine starts a
+    process group that accelerate does not recognise unless cpu=True, so every process would act
+    as the main one; we pass cpu=True there and check that accelerate sees all processes.
+    """
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
+                              project_dir=str(work_dir))
+    if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+        raise SystemExit(f"{dist.get_world_size()} processes are running but accelerate sees "
+                         f"{accelerator.num_processes}: launch with `accelerate launch --multi_gpu "
+                         "--num_processes K` (CPU: gloo) or torchrun")
+    return accelerator
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    check_model_folder(args.pretrained_model_name_or_path)
+    output_dir = Path(args.output_dir)
+    work_dir = Path(args.checkpoint_dir or f"{args.output_dir.rstrip('/')}-work")
+    accelerator = make_accelerator(args, work_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = RunState(work_dir, output_dir, resume=args.resume_from_checkpoint,
+                     overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process)
+    # SIGTERM (kill, a launcher stopping its workers) unwinds like an error, so temporary files go.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        train(args, accelerator, state, output_dir)
+    except BaseException:
+        state.discard_if_unspent()  # a failure before any spending leaves no trace
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> None:
+    if args.seed is not None:
+        set_seed(args.seed)  # data-independent randomness only (LoRA init, random selection)
+
+    # Setup: every input error surfaces here, before the ledger records any spending.
+    with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
+        resolution = args.resolution or _vae_resolution(args)
+    with input_errors("cannot load the sensitive dataset"):
+        dataset = load_sensitive_dataset(
+            args.train_data_dir or args.dataset_name, resolution=resolution,
+            image_column=args.image_column, label_column=args.label_column,
+            prompt_template=args.prompt_template, prompts=args.class_prompts, class_names=args.class_names,
+            max_examples=args.max_train_samples)
+    if len(dataset) < 2:
+        raise SystemExit(f"the sensitive dataset has {len(dataset)} example(s); DP training needs at least 2")
+    inputs = plan_inputs(args, dataset)
+    plan = broadcast_object_list([state.plan(inputs, lambda: calibrate_plan(inputs))])[0]
+    logger.info("N=%d q=%.4g sigma=%.4g delta=%.3g over %d steps", plan["dataset_size"], plan["sample_rate"],
+                plan["noise_multiplier"], plan["delta"], plan["max_train_steps"])
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
+        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                       variant=args.variant, torch_dtype=weight_dtype,
+                                                       safety_checker=None, requires_safety_checker=False)
+        noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                                        revision=args.revision)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    pipe.to(accelerator.device)  # before adding adapters (opacus#820-style device mismatches)
+    unet = pipe.unet
+    with input_errors("--candidate_pool"):
+        find_candidates(unet, args.candidate_pool)
+    with state.timed("encode"):
+        data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
+                              show_progress=accelerator.is_local_main_process)
+    # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
+    # is secret unless --deterministic_noise.
+    config = config_from_args(args, args.seed, r=args.rank, lora_alpha=args.lora_alpha or args.rank,
+                              init_lora_weights="gaussian")
+    selection = state.selection()
+    if selection is None:
+        if args.selection_strategy == "saliency":  # spend first, then run: never refunded
+            noise_for_remaining_steps(plan, _spent(state) + planned_spending(plan), plan["max_train_steps"],
+                                      args.allow_over_budget_release)  # exits if a re-run cannot fit
+            state.record_spending("selection", args.selection_noise_multiplier, 1.0, args.selection_max_grad_norm)
+        with state.timed("selection"):
+            selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
+                                              show_progress=accelerator.is_local_main_process)
+        selection = broadcast_object_list([selection])[0]
+        state.save_selection(selection)
+    config.target_modules = selection.selected
+    config.selection_result = selection.to_dict()
+    logger.info("selected %d of %d matrices\n%s", len(selection.selected), len(selection.units_flat()),
+                selection.table())
+
+    public_weights = {}
+    if args.no_lora:
+        for name in selection.selected:
+            weight = unet.get_submodule(name).weight
+            public_weights[name] = weight.detach().clone()
+            weight.requires_grad_(True)
+    else:
+        unet.add_adapter(config)
+    cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
+    start_step = state.load_checkpoint(unet, optimizer, lr_scheduler)
+    broadcast_trainable(unet)  # replicas start identical (random LoRA init) and stay so
+
+    remaining = plan["max_train_steps"] - start_step
+    sigma = broadcast_object_list([noise_for_remaining_steps(plan, _spent(state), remaining,
+                                                             args.allow_over_budget_release)
+                                   if accelerator.is_main_process else None])[0]
+    settings = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=plan["effective_max_grad_norm"],
+                             sample_rate=plan["sample_rate"], dataset_size=len(data),
+                             micro_batch_size=args.train_batch_size)
+    device, rank = accelerator.device, accelerator.process_index
+    secret_seed = args.seed if args.deterministic_noise else None  # None: os.urandom (the private default)
+    dp_step = DPSGDStep(unet, noise_scheduler, data, settings, noise_generator(device, _offset(secret_seed, 0)),
+                        noise_generator(device, _offset(secret_seed, 1 + rank)))
+    sampler = poisson_sampler(len(data), settings.sample_rate, remaining,
+                              noise_generator("cpu", _offset(secret_seed, 1000 + rank)))
+    if args.report_to:
+        accelerator.init_trackers("dp_sapf", config=tracker_config(args))
+    with state.timed("dp_sgd"):
+        bar = tqdm(total=plan["max_train_steps"], initial=start_step, desc="DP-SGD",
+                   disable=not accelerator.is_local_main_process)
+        unet.train()
+        for step, indices in enumerate(sampler, start=start_step + 1):
+            state.record_spending("dp_sgd", settings.noise_multiplier, settings.sample_rate,
+                                 settings.max_grad_norm)  # before the step touches the data
+            loss = dp_step(torch.as_tensor(indices, dtype=torch.long, device=device))
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            state.log_training_loss(step, loss, dp_step.nonfinite_examples)  # local file only
+            metrics = {"lr": lr_scheduler.get_last_lr()[0], "dp_sgd_steps": step}
+            if args.report_nonprivate_training_loss:
+                metrics["train_loss_NOT_PRIVATE"] = loss
+            accelerator.log(metrics, step=step)
+            if step % args.checkpointing_steps == 0 or step == plan["max_train_steps"]:
+                state.save_checkpoint(step, unet, optimizer, lr_scheduler)
+        bar.close()
+    unet.eval()
+
+    if accelerator.is_main_process:
+        report = build_report(plan, state, args.deterministic_noise, dataset.class_names_source)
+        over_budget = report.guarantee_epsilon > plan["target_epsilon"]
+        if over_budget and not args.allow_over_budget_release:
+            raise SystemExit(f"this run spent epsilon {report.guarantee_epsilon:.4g} > target "
+                             f"{plan['target_epsilon']:.4g} ({report.accountant}); nothing is released. Pass "
+                             "--resume_from_checkpoint latest --allow_over_budget_release to release it anyway")
+        deltas = ({n: unet.get_submodule(n).weight.detach().float() - w.float()
+                   for n, w in public_weights.items()} if args.no_lora else None)
+        release(args, output_dir, pipe, config, selection, report, dataset, deltas)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _spent(state: RunState) -> list:
+    """The stages the ledger holds (main process; [] elsewhere)."""
+    return state.ledger.stages() if state.ledger is not None else []
+
+
+def _offset(seed: int | None, offset: int) -> int | None:
+    return None if seed is None else seed + offset
+
+
+# Flags never sent to trackers: credentials and paths of the training machine.
+TRACKER_EXCLUDED_FLAGS = {"hub_token", "output_dir", "checkpoint_dir", "train_data_dir", "dataset_name",
+                          "pretrained_model_name_or_path", "resume_from_checkpoint"}
+
+
+def tracker_config(args) -> dict:
+    """The hyperparameters a remote tracker may see: scalars, minus tokens and local paths."""
+    return {k: v for k, v in vars(args).items()
+            if k not in TRACKER_EXCLUDED_FLAGS and isinstance(v, (int, float, str, bool))}
+
+
+def build_report(plan: dict, state: RunState, deterministic_noise: bool, class_names_source: str):
+    """The privacy report from the plan and the ledger only (never from the current flags)."""
+    stages = state.ledger.stages()
+    recorded = sum(stage.steps for stage in stages if stage.name == accounting.DP_SGD)
+    return accounting.PrivacyReport.build(
+        stages, dataset_size=plan["dataset_size"], delta=plan["delta"], target_epsilon=plan["target_epsilon"],
+        accountant=plan["accountant"], deterministic_noise=deterministic_noise, adjacency=plan["adjacency"],
+        class_names=f"public: {class_names_source}",
+        extra={"planned_dp_sgd_steps": plan["max_train_steps"], "recorded_dp_sgd_steps": recorded})
+
+
+def release(args, output_dir, pipe, config, selection: SelectionResult, report, dataset, deltas) -> None:
+    """Write the publishable outputs (all DP or public) all-or-nothing, then push if asked."""
+    try:
+        with hub.staged_release(output_dir) as staging:
+            hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas)
+            hub.save_json(staging, "selection.json", selection.to_dict())
+            report.save(str(staging / "privacy_report.json"))
+            hub.save_json(staging, "class_prompts.json",
+                          {"class_names": dataset.class_names, "prompts": dataset.prompts})
+            prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
+            use_dpm_solver(pipe)
+            grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
+            hub.save_image(staging, "samples.png", grid)
+            card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
+                                  selection.table(), dataset.prompts, args.hub_model_id)
+            card.save(str(staging / "README.md"))
+    except OSError as error:
+        raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "
+                         "privacy budget is spent (ledger kept): fix the cause and rerun with "
+                         "--resume_from_checkpoint latest to write them without spending more") from error
+    logger.info("epsilon %s at delta %.3g (calibrated with %s); outputs in %s",
+                {k: round(v, 4) for k, v in report.epsilon.items()}, report.delta, report.accountant, output_dir)
+    if args.push_to_hub:
+        repo = hub.push_output_dir(output_dir, args.hub_model_id, token=args.hub_token)
+        logger.info("pushed to https://huggingface.co/%s", repo)
+
+
+def _vae_resolution(args) -> int:
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
+    return int(config.get("sample_size", 512))
+
+
+if __name__ == "__main__":
+    main()
