@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from peft_dp_saliency import synthesis
+from peft_dp_saliency import load_adapter, synthesis
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, load_public_pipeline
 from peft_dp_saliency.sampling import use_dpm_solver
 
@@ -68,7 +68,9 @@ def main(argv=None):
     class_names, prompts = class_prompts(args)
 
     pipe = load_public_pipeline(args.pretrained_model_name_or_path, torch_dtype=DTYPES[args.torch_dtype])
-    if args.lora_dir is not None:
+    if args.lora_dir is not None and (args.lora_dir / "loda_config.json").exists():
+        load_adapter(pipe, args.lora_dir)  # a LoDA release (--adapter loda / loda_plus)
+    elif args.lora_dir is not None:
         pipe.load_lora_weights(str(args.lora_dir))
     if args.scheduler == "dpm_solver_multistep":
         use_dpm_solver(pipe)

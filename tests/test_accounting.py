@@ -253,7 +253,7 @@ def test_report_fields_for_a_private_run():
     report = PrivacyReport.build(paper_stages(2.0), dataset_size=N, delta=DELTA,
                                  target_epsilon=8.0, accountant="pld")
     assert report.private and report.noise_source == "os.urandom-seeded"
-    assert report.adjacency == "add/remove one example; dataset size treated as public"
+    assert report.adjacency == "zero_out" and "REPLACE_SPECIAL" in report.adjacency_definition
     assert set(report.library_versions) == {"opacus", "dp_accounting", "torch", "peft",
                                              "diffusers"}
     assert report.stage_objects() == paper_stages(2.0)

@@ -108,7 +108,6 @@ def _truncated_png(path):
     (lambda root: (root / "coat" / "notes.txt").write_text("hello"), "notes.txt"),
     (lambda root: Image.fromarray(np.ones((4, 4), np.float32)).save(root / "coat" / "f.tif"),
      "f.tif"),
-    (lambda root: (root / "shirt").mkdir(), "shirt"),
     (lambda root: (root / "readme.md").write_text("x"), "readme.md"),
     (lambda root: (root / "bag" / "nested").mkdir(), "nested"),
 ])
@@ -157,11 +156,13 @@ def test_saved_dataset_loads(tmp_path):
         load_sensitive_dataset(str(tmp_path / "dict"))
 
 
-def test_saved_dataset_plain_labels_become_sorted_names(tmp_path):
+def test_saved_dataset_plain_labels_need_the_public_class_list(tmp_path):
     _tiny_dataset(["dog", "cat", "dog"], label_feature=datasets.Value("string")).save_to_disk(
         tmp_path / "saved")
-    ds = load_sensitive_dataset(str(tmp_path / "saved"))
-    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="not a datasets.ClassLabel.*--class_names"):
+        load_sensitive_dataset(str(tmp_path / "saved"))
+    ds = load_sensitive_dataset(str(tmp_path / "saved"), class_names=["cat", "dog", "bird"])
+    assert ds.class_names == ["cat", "dog", "bird"] and ds.labels.tolist() == [1, 0, 1]
 
 
 def test_saved_dataset_bad_columns_and_labels(tmp_path):

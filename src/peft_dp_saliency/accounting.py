@@ -352,6 +352,14 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
     return _refine(epsilon_at, target_epsilon, tolerance, *bracket)
 
 
+def selection_noise_for_budget(epsilon: float, delta: float, adjacency: str = DEFAULT_ADJACENCY,
+                               dataset_size: int | None = None) -> float:
+    """The smallest selection noise multiplier sigma_s whose query alone costs at most ``epsilon``
+    (nats, at ``delta``) under EVERY accountant: the larger of the per-accountant calibrations."""
+    return max(calibrate_noise_multiplier(epsilon, delta, 1.0, 1, accountant=name, dataset_size=dataset_size,
+                                          adjacency=adjacency) for name in ACCOUNTANTS)
+
+
 def _bracket(epsilon_at, target: float) -> tuple[float, float, float, float]:
     """(low, eps(low), high, eps(high)) with eps(low) > target >= eps(high) and low < high.
 

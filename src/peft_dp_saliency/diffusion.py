@@ -75,11 +75,22 @@ def draw_diffusion_inputs(num_examples: int, latent_shape: tuple[int, ...], nois
 def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor,
                               encoder_hidden_states: torch.Tensor, noise: torch.Tensor,
                               timesteps: torch.Tensor) -> torch.Tensor:
-    """(B,) denoising loss of each example at its own timestep and noise.
+    """(B,) denoising loss of each example, averaged over its K (timestep, noise) draws.
 
-    latents, noise: (B, C, h, w); encoder_hidden_states: (B, T, D); timesteps: (B,). Target is the
-    noise or the velocity depending on the scheduler's prediction_type, as in diffusers' scripts.
+    latents: (B, C, h, w); encoder_hidden_states: (B, T, D); noise: (B K, C, h, w) and timesteps
+    (B K,), example-major (rows i K .. i K + K - 1 are example i's draws). K > 1 is noise
+    multiplicity (Dockhorn et al., DPDM 2022): the mean over K draws *before* clipping, so still one
+    clipped gradient per example. The K copies of an example are consecutive rows, so a per-sample
+    engine that reshapes (B K, T, d) to (B, K T, d) sees each example as one with K T tokens (exact).
+    Target: the noise or the velocity, by the scheduler's prediction_type, as in diffusers' scripts.
     """
+    batch = latents.shape[0]
+    if batch == 0 or noise.shape[0] % batch:
+        raise ValueError(f"noise has {noise.shape[0]} rows, not a multiple of the {batch} examples")
+    k = noise.shape[0] // batch
+    if k > 1:
+        latents = latents.repeat_interleave(k, dim=0)
+        encoder_hidden_states = encoder_hidden_states.repeat_interleave(k, dim=0)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -88,4 +99,4 @@ def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor,
     else:
         raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
     prediction = unet(noisy, timesteps, encoder_hidden_states.to(latents.dtype)).sample
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1).view(batch, k).mean(1)

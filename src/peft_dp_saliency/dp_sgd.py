@@ -13,6 +13,7 @@ are all-reduced and noised once (``sum_and_add_noise_once``), which is what the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,13 +100,17 @@ def broadcast_trainable(model: nn.Module) -> None:
 class DPSGDSettings:
     """noise_multiplier sigma (noise std sigma*C on the summed clipped gradient per step),
     max_grad_norm C (inf = no clipping: the non-private baseline), sample_rate q, dataset_size N,
-    micro_batch_size (examples per forward/backward, memory only: never changes the result)."""
+    micro_batch_size (examples per forward/backward, memory only: never changes the result),
+    clipping ("flat" or "automatic", see per_sample), noise_multiplicity K ((timestep, noise) draws
+    averaged per example before clipping; K times the compute, free in privacy)."""
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
     dataset_size: int
     micro_batch_size: int
+    clipping: str = "flat"
+    noise_multiplicity: int = 1
 
 
 class DPSGDStep:
@@ -121,7 +126,8 @@ class DPSGDStep:
         self.unet, self.noise_scheduler, self.data, self.settings = unet, noise_scheduler, data, settings
         self.modules = trainable_linears(unet)
         self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
-        self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm)
+        clipping = settings.clipping if math.isfinite(settings.max_grad_norm) else "flat"  # inf: no clipping
+        self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm, clipping)
         self.noise_gen, self.diffusion_gen = noise_gen, diffusion_gen
         self.nonfinite_examples = 0
 
@@ -131,14 +137,16 @@ class DPSGDStep:
                 for name, p in self.params.items()}
         loss_sum = 0.0
         latents_all = self.data.latents
-        noise, timesteps = draw_diffusion_inputs(len(indices), latents_all.shape[1:], self.noise_scheduler,
+        k = self.settings.noise_multiplicity
+        noise, timesteps = draw_diffusion_inputs(len(indices) * k, latents_all.shape[1:], self.noise_scheduler,
                                                  self.diffusion_gen, latents_all.device, latents_all.dtype)
         size = self.settings.micro_batch_size
         for start, micro in zip(range(0, len(indices), size), indices.split(size)):
             latents, states = self.data.batch(micro)
             with self.clipper.capture():
+                rows = slice(start * k, (start + len(micro)) * k)
                 loss = per_sample_diffusion_loss(self.unet, self.noise_scheduler, latents, states,
-                                                 noise[start:start + size], timesteps[start:start + size])
+                                                 noise[rows], timesteps[rows])
                 clipped = self.clipper.clipped_sums(loss)
             for name, value in clipped.sums.items():
                 sums[name] += value

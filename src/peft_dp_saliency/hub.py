@@ -26,7 +26,8 @@ from .config import SaliencyLoraConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PUBLISHABLE_FILES = {LORA_WEIGHTS, "adapter_config.json", "selection.json", "privacy_report.json",
-                     "class_prompts.json", "samples.png", "README.md"}
+                     "class_prompts.json", "samples.png", "README.md",
+                     "loda_adapter.safetensors", "loda_config.json"}  # LoDA releases (--adapter loda*)
 STAGING_DIR = ".release-staging"
 
 
@@ -116,7 +117,7 @@ def check_publishable(output_dir: Path) -> None:
 
 def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
-               repo_id: str | None) -> ModelCard:
+               repo_id: str | None, adapter: str = "lora") -> ModelCard:
     """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits."""
     others = ", ".join(f"{name.upper()} gives epsilon {value:.3g}" for name, value in report.epsilon.items()
                        if name != report.accountant)
@@ -129,6 +130,8 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
     stages = "\n".join(f"| {s['name']} | {s['noise_multiplier']:.4g} | {s['sample_rate']:.4g} | {s['steps']} "
                        f"| {float(s['max_grad_norm']):.3g} |" for s in report.stages)
     load_path = repo_id or "path/to/output_dir"
+    load_call = (f'pipe.load_lora_weights("{load_path}")' if adapter == "lora" else
+                 f'import peft_dp_saliency\npeft_dp_saliency.load_adapter(pipe, "{load_path}")  # LoDA: not a LoRA')
     text = f"""---
 base_model: {base_model}
 library_name: diffusers
@@ -168,7 +171,7 @@ LoRA rank {config.r}, alpha {config.lora_alpha}.
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
-pipe.load_lora_weights("{load_path}")
+{load_call}
 image = pipe({class_prompts[0]!r}).images[0]
 ```
 

@@ -7,8 +7,13 @@ the per-sample weight gradient is G_i = g_i^T x_i. Its squared norm is computed 
 - by materialising G_i (cost ~ T d_in d_out, memory B d_in d_out for this layer only),
 
 whichever is cheaper for that layer (ghost when 2 T^2 <= d_in d_out). The clipped sum
-sum_i c_i G_i, with c_i = min(1, C / ||grad_i||) over ALL modules jointly, is one einsum with
-the reweighted output gradients: no second backward pass and no per-example loop.
+sum_i c_i G_i, with a factor c_i from the joint norm ||grad_i|| over ALL modules, is one einsum
+with the reweighted output gradients: no second backward pass and no per-example loop.
+
+Clipping regimes (``CLIPPING``), both of sensitivity C (every c_i ||grad_i|| <= C):
+- "flat": c_i = min(1, C / ||grad_i||), Abadi et al. 2016;
+- "automatic": c_i = C / (||grad_i|| + gamma), i.e. per-example normalisation (Bu et al., "Automatic
+  clipping", NeurIPS 2023; gamma = 0.01 there), so C no longer needs to match the gradients' scale.
 
 Written here rather than with Opacus because (a) the selection query needs per-sample
 gradients of *frozen* matrices, where Opacus places no hooks, (b) Opacus' ghost clipping builds
@@ -40,6 +45,10 @@ class ClippedSums:
     nonfinite: int = 0
 
 
+CLIPPING = ("flat", "automatic")
+AUTOMATIC_CLIPPING_GAMMA = 0.01
+
+
 def use_ghost_norm(tokens: int, d_in: int, d_out: int) -> bool:
     """Ghost norms beat materialised per-sample gradients when 2 T^2 <= d_in d_out."""
     return 2 * tokens * tokens <= d_in * d_out
@@ -53,15 +62,18 @@ class PerSampleClipper:
     (true for trainable modules; use :func:`frozen_weights_tracked` for frozen ones).
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], max_grad_norm: float):
+    def __init__(self, modules: dict[str, nn.Linear], max_grad_norm: float, clipping: str = "flat",
+                 gamma: float = AUTOMATIC_CLIPPING_GAMMA):
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if clipping not in CLIPPING or not gamma > 0:
+            raise ValueError(f"clipping must be one of {CLIPPING} with gamma > 0, got {clipping!r}, {gamma}")
         for name, module in modules.items():
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is a {type(module).__name__}; per-sample gradients are "
                                 "implemented for nn.Linear only")
         self.modules = modules
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.clipping, self.gamma = max_grad_norm, clipping, gamma
         self._records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @contextmanager
@@ -112,8 +124,11 @@ class PerSampleClipper:
         finite = torch.isfinite(norms)
         # NaN survives clamp and 0 * inf is NaN: a non-finite example gets factor 0 and its
         # pieces are zeroed before weighting, so one bad example cannot poison the sum.
-        factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0),
-                              torch.zeros_like(norms))
+        if self.clipping == "automatic":
+            factors = self.max_grad_norm / (norms + self.gamma)
+        else:
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = torch.where(finite, factors, torch.zeros_like(norms))
         sums = {}
         for name, layer in pieces.items():
             sums.update({f"{name}.{k}": v for k, v in layer.weighted_sums(factors, finite).items()})

@@ -137,8 +137,8 @@ class RunState:
         found = [p for p in self.work_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
-    def save_checkpoint(self, step: int, model, optimizer, lr_scheduler) -> None:
-        """Trainable parameters (safetensors), optimizer and scheduler state, atomically."""
+    def save_checkpoint(self, step: int, model, optimizer, lr_scheduler, ema=None) -> None:
+        """Trainable parameters (safetensors), optimizer, scheduler and EMA state, atomically."""
         if not self.is_main:
             return
         final = self.work_dir / f"checkpoint-{step}"
@@ -149,7 +149,8 @@ class RunState:
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                        "step": step}, tmp / "training_state.pt")
+                        "ema": ema.state_dict() if ema is not None else None, "step": step},
+                       tmp / "training_state.pt")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -158,7 +159,7 @@ class RunState:
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old)
 
-    def load_checkpoint(self, model, optimizer, lr_scheduler) -> int:
+    def load_checkpoint(self, model, optimizer, lr_scheduler, ema=None) -> int:
         """Restore the latest (or named) checkpoint; returns its step, 0 without one."""
         if not self.resume:
             return 0
@@ -174,6 +175,10 @@ class RunState:
         saved = torch.load(path / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if ema is not None:
+            if saved.get("ema") is None:
+                raise SystemExit(f"{path} has no EMA state: resume with the flags the run started with")
+            ema.load_state_dict(saved["ema"])
         return int(saved["step"])
 
 

@@ -27,12 +27,19 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--selection_unit", default="matrix", choices=["matrix", "layer"])
     g.add_argument("--selection_ratio", type=float, default=0.3)
     g.add_argument("--saliency_score", default="norm", choices=["norm", "debiased"])
-    g.add_argument("--selection_noise_multiplier", type=float, default=5.0)
+    g.add_argument("--selection_noise_multiplier", type=float, default=None,
+                   help="sigma_s: the query's noise std is sigma_s C / N. Default: calibrated from "
+                        "--selection_budget_fraction.")
+    g.add_argument("--selection_budget_fraction", type=float, default=0.1,
+                   help="Without --selection_noise_multiplier: sigma_s is the smallest noise whose query alone "
+                        "costs at most this fraction of --target_epsilon (under both accountants).")
     g.add_argument("--selection_max_grad_norm", type=float, default=1.0)
+    g.add_argument("--selection_clipping", default="automatic", choices=["automatic", "flat"])
+    g.add_argument("--selection_noise_multiplicity", type=int, default=1)
     g.add_argument("--selection_batch_size", type=int, default=64)
 
 
-def config_from_args(args, seed: int | None, **lora_fields) -> SaliencyLoraConfig:
+def config_from_args(args, seed: int | None, selection_noise_multiplier: float, **lora_fields) -> SaliencyLoraConfig:
     """A SaliencyLoraConfig from the selection flags (plus any LoRA fields).
 
     `seed` (the public --seed) is kept only where it is used: the data-independent random strategy,
@@ -43,8 +50,9 @@ def config_from_args(args, seed: int | None, **lora_fields) -> SaliencyLoraConfi
     return SaliencyLoraConfig(
         candidate_pool=args.candidate_pool, selection_unit=args.selection_unit,
         selection_ratio=args.selection_ratio, selection_strategy=args.selection_strategy,
-        saliency_score=args.saliency_score, selection_noise_multiplier=args.selection_noise_multiplier,
-        selection_max_grad_norm=args.selection_max_grad_norm, selection_seed=data_seed,
+        saliency_score=args.saliency_score, selection_noise_multiplier=selection_noise_multiplier,
+        selection_max_grad_norm=args.selection_max_grad_norm, selection_clipping=args.selection_clipping,
+        selection_noise_multiplicity=args.selection_noise_multiplicity, selection_seed=data_seed,
         deterministic_noise=deterministic, **lora_fields)
 
 
@@ -62,6 +70,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max_train_samples", type=int, default=None)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
+    p.add_argument("--target_epsilon", type=float, default=10.0,
+                   help="The run's budget: with --selection_budget_fraction f the query costs at most f of it.")
     p.add_argument("--seed", type=int, default=None,
                    help="Seeds the random strategy only; never the query's randomness (unless --deterministic_noise).")
     p.add_argument("--class_names", nargs="+", default=None,
@@ -83,7 +93,9 @@ def main(argv=None) -> dict:
     delta = args.target_delta if args.target_delta is not None else accounting.default_delta(len(dataset))
     accounting.check_delta(delta, len(dataset))
     data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size)
-    config = config_from_args(args, args.seed)
+    sigma_s = args.selection_noise_multiplier or accounting.selection_noise_for_budget(
+        args.selection_budget_fraction * args.target_epsilon, delta, args.adjacency, len(dataset))
+    config = config_from_args(args, args.seed, sigma_s)
     scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     result = select_target_modules(pipe.unet, scheduler, data, config, args.selection_batch_size)
     out = result.to_dict()

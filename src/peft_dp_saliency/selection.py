@@ -75,7 +75,8 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     device = data.latents.device
     n = len(data)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    clipper = PerSampleClipper(candidates, config.selection_max_grad_norm)
+    clipper = PerSampleClipper(candidates, config.selection_max_grad_norm, config.selection_clipping)
+    k = config.selection_noise_multiplicity
     sums = {f"{name}.weight": torch.zeros(m.weight.shape, dtype=torch.float32, device=device)
             for name, m in candidates.items()}
     # (timestep, noise) of each example is part of the mechanism: drawn from a secret generator
@@ -87,7 +88,7 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     nonfinite = 0
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
         latents, states = data.batch(indices)
-        noise, timesteps = draw_diffusion_inputs(len(indices), latents.shape[1:], noise_scheduler,
+        noise, timesteps = draw_diffusion_inputs(len(indices) * k, latents.shape[1:], noise_scheduler,
                                                  data_generator, device, latents.dtype)
         with torch.enable_grad(), frozen_weights_tracked(unet, candidates), clipper.capture():
             loss = per_sample_diffusion_loss(unet, noise_scheduler, latents, states, noise, timesteps)

@@ -194,7 +194,8 @@ def privacy_statement(lora_dir: str | Path | None, report) -> str:
     return ("Only differentially private outputs were used to make these images: the public model, the "
             "DP-trained LoRA adapter, the class prompts and a public seed. By the post-processing property "
             f"of differential privacy the whole synthetic set satisfies ({bounds}, "
-            f"delta = {report.delta:.3g})-DP for the sensitive training set (adjacency: {report.adjacency}), "
+            f"delta = {report.delta:.3g})-DP for the sensitive training set (adjacency: "
+            f"{report.adjacency_definition}), "
             "the same guarantee as the adapter, and can be shared under it.")
 
 

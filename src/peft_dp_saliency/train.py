@@ -29,13 +29,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
 from peft_dp_saliency import accounting, hub
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.diffusion import encode_dataset
+from peft_dp_saliency.loda import add_loda_adapters, save_loda
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
@@ -75,7 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=4)
     g.add_argument("--lora_alpha", type=float, default=None, help="Default: rank.")
     g.add_argument("--no_lora", action="store_true", help="DP-SGD directly on the selected matrices.")
-    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--adapter", default="lora", choices=["lora", "loda", "loda_plus"],
+                   help="lora; or LoDA / LoDA+ (W x + B f(A x), f a small residual non-linear map on r dims, "
+                        "Lowy et al.): released as loda_adapter.safetensors, loaded with "
+                        "peft_dp_saliency.load_adapter(pipe, dir).")
+    g.add_argument("--learning_rate", type=float, default=2e-3)
     g.add_argument("--lr_scheduler", default="constant")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
@@ -106,8 +111,20 @@ def parse_args(argv=None):
     g = p.add_argument_group("differential privacy")
     g.add_argument("--target_epsilon", type=float, default=10.0, help="'inf' trains without privacy.")
     g.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--expected_batch_size", type=int, default=256, help="Logical batch: q = this / N.")
+    g.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="C: the per-example clipping norm (not diffusers' global gradient-norm clip). With "
+                        "--clipping automatic every example contributes C g/(||g|| + 0.01), so C only scales.")
+    g.add_argument("--clipping", default="automatic", choices=["automatic", "flat"],
+                   help="automatic: per-example normalisation (Bu et al. 2023), no C to tune; flat: min(1, C/||g||) "
+                        "(Abadi et al. 2016), which needs C matched to the gradients (never chosen from un-noised "
+                        "norms of the sensitive data: that is a release). Both have sensitivity C.")
+    g.add_argument("--noise_multiplicity", type=int, default=1,
+                   help="K (timestep, noise) draws averaged per example before clipping (DPDM): free in privacy, "
+                        "K x compute and memory per micro-batch.")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Release the exponential moving average of the DP iterates (post-processing: free).")
+    g.add_argument("--ema_decay", type=float, default=0.999)
+    g.add_argument("--expected_batch_size", type=int, default=512, help="Logical batch: q = this / N.")
     g.add_argument("--accountant", default="pld", choices=list(accounting.ACCOUNTANTS))
     g.add_argument("--adjacency", default=accounting.DEFAULT_ADJACENCY, choices=sorted(accounting.ADJACENCIES),
                    help="zero_out: one example replaced by a null example, N public (what dividing by the fixed N "
@@ -131,12 +148,20 @@ def check_args(args) -> None:
     if not 0 < args.selection_ratio <= 1:
         problems.append(f"--selection_ratio must be in (0, 1], got {args.selection_ratio}")
     for flag in ("max_grad_norm", "expected_batch_size", "train_batch_size", "max_train_steps", "rank",
-                 "learning_rate", "selection_batch_size", "selection_noise_multiplier",
-                 "selection_max_grad_norm", "checkpointing_steps", "num_validation_images"):
+                 "learning_rate", "selection_batch_size", "selection_max_grad_norm", "checkpointing_steps",
+                 "num_validation_images", "noise_multiplicity", "selection_noise_multiplicity"):
         if not getattr(args, flag) > 0:
             problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.selection_noise_multiplier is not None and not args.selection_noise_multiplier > 0:
+        problems.append(f"--selection_noise_multiplier must be > 0, got {args.selection_noise_multiplier}")
+    if not 0 < args.selection_budget_fraction < 1:
+        problems.append(f"--selection_budget_fraction must be in (0, 1), got {args.selection_budget_fraction}")
+    if not 0 < args.ema_decay < 1:
+        problems.append(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if args.max_train_samples is not None and args.max_train_samples < 2:
         problems.append(f"--max_train_samples must be >= 2, got {args.max_train_samples}")
+    if args.no_lora and args.adapter != "lora":
+        problems.append("--no_lora trains the selected matrices themselves: it takes no --adapter")
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if args.report_to and "wandb" in args.report_to and args.hub_token is not None:
@@ -190,9 +215,12 @@ def plan_inputs(args, dataset) -> dict:
     return {"dataset_size": n, "dataset_fingerprint": dataset.fingerprint(), "target_epsilon": args.target_epsilon,
             "delta": delta, "accountant": args.accountant, "adjacency": args.adjacency,
             "max_train_steps": args.max_train_steps, "expected_batch_size": args.expected_batch_size,
-            "max_grad_norm": args.max_grad_norm, "selection_strategy": args.selection_strategy,
+            "max_grad_norm": args.max_grad_norm, "clipping": args.clipping,
+            "noise_multiplicity": args.noise_multiplicity, "selection_strategy": args.selection_strategy,
             "selection_noise_multiplier": args.selection_noise_multiplier,
-            "selection_max_grad_norm": args.selection_max_grad_norm}
+            "selection_budget_fraction": args.selection_budget_fraction,
+            "selection_max_grad_norm": args.selection_max_grad_norm, "selection_clipping": args.selection_clipping,
+            "selection_noise_multiplicity": args.selection_noise_multiplicity}
 
 
 def calibrate_plan(inputs: dict) -> dict:
@@ -201,16 +229,24 @@ def calibrate_plan(inputs: dict) -> dict:
     Fails (BudgetCannotBeMetError -> exit) before any data is touched.
     """
     private = math.isfinite(inputs["target_epsilon"])
-    sigma = dp_sgd_noise(inputs, planned_spending(inputs), inputs["max_train_steps"]) if private else 0.0
-    return {"sample_rate": inputs["expected_batch_size"] / inputs["dataset_size"], "noise_multiplier": sigma,
-            "effective_max_grad_norm": inputs["max_grad_norm"] if private else math.inf}
+    sigma_s = inputs["selection_noise_multiplier"]
+    if sigma_s is None:  # the query takes at most its fraction of the budget (a public choice)
+        with input_errors("--selection_budget_fraction"):
+            sigma_s = accounting.selection_noise_for_budget(
+                inputs["selection_budget_fraction"] * inputs["target_epsilon"], inputs["delta"],
+                inputs["adjacency"], inputs["dataset_size"]) if private else 1.0
+    calibrated = {"selection_sigma": sigma_s, "sample_rate": inputs["expected_batch_size"] / inputs["dataset_size"],
+                  "effective_max_grad_norm": inputs["max_grad_norm"] if private else math.inf}
+    sigma = dp_sgd_noise({**inputs, **calibrated}, planned_spending({**inputs, **calibrated}),
+                         inputs["max_train_steps"]) if private else 0.0
+    return {**calibrated, "noise_multiplier": sigma}
 
 
 def planned_spending(plan: dict) -> list:
     """The stages a run spends before DP-SGD: the selection query, if the strategy reads the data."""
     if plan["selection_strategy"] != "saliency":
         return []
-    return [accounting.selection_stage(plan["selection_noise_multiplier"], plan["selection_max_grad_norm"])]
+    return [accounting.selection_stage(plan["selection_sigma"], plan["selection_max_grad_norm"])]
 
 
 def dp_sgd_noise(plan: dict, spent: list, steps: int) -> float:
@@ -336,14 +372,14 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
                               show_progress=accelerator.is_local_main_process)
     # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
     # is secret unless --deterministic_noise.
-    config = config_from_args(args, args.seed, r=args.rank, lora_alpha=args.lora_alpha or args.rank,
-                              init_lora_weights="gaussian")
+    config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
+                              lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian")
     selection = state.selection()
     if selection is None:
         if args.selection_strategy == "saliency":  # spend first, then run: never refunded
             noise_for_remaining_steps(plan, _spent(state) + planned_spending(plan), plan["max_train_steps"],
                                       args.allow_over_budget_release)  # exits if a re-run cannot fit
-            state.record_spending("selection", args.selection_noise_multiplier, 1.0, args.selection_max_grad_norm)
+            state.record_spending("selection", plan["selection_sigma"], 1.0, args.selection_max_grad_norm)
         with state.timed("selection"):
             selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
                                               show_progress=accelerator.is_local_main_process)
@@ -360,15 +396,19 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
             weight = unet.get_submodule(name).weight
             public_weights[name] = weight.detach().clone()
             weight.requires_grad_(True)
-    else:
+    elif args.adapter == "lora":
         unet.add_adapter(config)
+    else:
+        add_loda_adapters(unet, selection.selected, args.rank, args.lora_alpha or args.rank, variant=args.adapter,
+                          generator=None if args.seed is None else torch.Generator().manual_seed(args.seed))
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps)
-    start_step = state.load_checkpoint(unet, optimizer, lr_scheduler)
+    ema = EMAModel(params, decay=args.ema_decay) if args.use_ema else None
+    start_step = state.load_checkpoint(unet, optimizer, lr_scheduler, ema)
     broadcast_trainable(unet)  # replicas start identical (random LoRA init) and stay so
 
     remaining = plan["max_train_steps"] - start_step
@@ -377,7 +417,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
                                    if accelerator.is_main_process else None])[0]
     settings = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=plan["effective_max_grad_norm"],
                              sample_rate=plan["sample_rate"], dataset_size=len(data),
-                             micro_batch_size=args.train_batch_size)
+                             micro_batch_size=args.train_batch_size, clipping=plan["clipping"],
+                             noise_multiplicity=plan["noise_multiplicity"])
     device, rank = accelerator.device, accelerator.process_index
     secret_seed = args.seed if args.deterministic_noise else None  # None: os.urandom (the private default)
     dp_step = DPSGDStep(unet, noise_scheduler, data, settings, noise_generator(device, _offset(secret_seed, 0)),
@@ -397,6 +438,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
             bar.update(1)
             state.log_training_loss(step, loss, dp_step.nonfinite_examples)  # local file only
             metrics = {"lr": lr_scheduler.get_last_lr()[0], "dp_sgd_steps": step}
@@ -404,9 +447,11 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
                 metrics["train_loss_NOT_PRIVATE"] = loss
             accelerator.log(metrics, step=step)
             if step % args.checkpointing_steps == 0 or step == plan["max_train_steps"]:
-                state.save_checkpoint(step, unet, optimizer, lr_scheduler)
+                state.save_checkpoint(step, unet, optimizer, lr_scheduler, ema)
         bar.close()
     unet.eval()
+    if ema is not None:
+        ema.copy_to(params)  # the released adapter (and the samples) are the EMA of the DP iterates
 
     if accelerator.is_main_process:
         report = build_report(plan, state, args.deterministic_noise, dataset.class_names_source)
@@ -457,7 +502,10 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
     """Write the publishable outputs (all DP or public) all-or-nothing, then push if asked."""
     try:
         with hub.staged_release(output_dir) as staging:
-            hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas)
+            if args.adapter == "lora":
+                hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas)
+            else:
+                save_loda(staging, pipe.unet, {"selection_result": selection.to_dict()})
             hub.save_json(staging, "selection.json", selection.to_dict())
             report.save(str(staging / "privacy_report.json"))
             hub.save_json(staging, "class_prompts.json",
@@ -467,7 +515,7 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
             grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
             hub.save_image(staging, "samples.png", grid)
             card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
-                                  selection.table(), dataset.prompts, args.hub_model_id)
+                                  selection.table(), dataset.prompts, args.hub_model_id, args.adapter)
             card.save(str(staging / "README.md"))
     except OSError as error:
         raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "
