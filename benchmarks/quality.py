@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Results benchmark: every method of the paper's Table 5 through the same training code.
 
-    python benchmarks/quality.py [--jobs 2] [--only DP-SAPF] && python benchmarks/render_results.py
+    python benchmarks/quality.py [--jobs 2] [--only DP-SAPF] [--seeds 0 1 2] && python benchmarks/render_results.py
 
-For each (method, epsilon): examples/train_dp_sapf.py -> examples/synthesize.py -> examples/evaluate.py,
+For each (method, epsilon, seed): examples/train_dp_sapf.py -> examples/synthesize.py -> examples/evaluate.py,
 each a subprocess (OMP_NUM_THREADS=1, --jobs in parallel). A finished run's JSON in docs/results/
-is not redone. The scale (SCALE below) is what 2 CPU cores can do in about an hour; it is written
-into every result. Same hyperparameters for every method; nothing is tuned on the test split.
+is not redone (resumable). The scale (SCALE below) is what 2 CPU cores allow; it is written into every
+result. Same hyperparameters for every method (the library defaults); nothing is tuned on the test split.
+Each seed is a fresh run: the DP noise, Poisson sampling and diffusion randomness are fresh by construction
+(os.urandom); --seed k changes the data-independent LoRA init and the synthesis seed.
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ RESULTS = ROOT / "docs" / "results"
 RUNS = ROOT / "runs" / "quality"
 
 SCALE = {
-    "max_train_samples": 3000,     # N: the first 3,000 Fashion-MNIST training images
-    "expected_batch_size": 150,    # q = 0.05
-    "max_train_steps": 30,
+    "max_train_samples": 10000,    # N: the first 10,000 Fashion-MNIST training images
+    "expected_batch_size": 256,    # q = 0.0256
+    "max_train_steps": 150,
     "learning_rate": 2e-3,
     "rank": 4,
-    "images_per_class": 15,        # synthetic images per class (150 in all)
+    "clipping": "automatic",       # both stages (the library default)
+    "images_per_class": 200,       # synthetic images per class (2,000 in all)
     "num_inference_steps": 20,
     "classifier_epochs": 15,
     "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
 }
+SEEDS = ("0", "1", "2")
 EPSILONS = ("1", "10")
 METHODS = {
     "DP-SAPF (ratio 0.3)": [],
@@ -51,9 +55,9 @@ NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"
 
 
-def slug(method: str, epsilon: str) -> str:
+def slug(method: str, epsilon: str, seed: str) -> str:
     keep = "".join(c if c.isalnum() else "-" for c in method.lower())
-    return f"{'-'.join(filter(None, keep.split('-')))}_eps{epsilon}"
+    return f"{'-'.join(filter(None, keep.split('-')))}_eps{epsilon}_seed{seed}"
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
@@ -68,9 +72,9 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
+def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str = "0") -> Path:
     """Train (unless public), synthesize, evaluate; write docs/results/<slug>.json."""
-    key = slug(method, epsilon)
+    key = slug(method, epsilon, seed)
     result_file = RESULTS / f"{key}.json"
     if result_file.exists():
         return result_file
@@ -84,15 +88,16 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
     elif train_flags is not None:
         stages["train"] = run_measured([
             python, "examples/train_dp_sapf.py", "--output_dir", str(run_dir), "--overwrite_output_dir",
-            "--target_epsilon", epsilon, "--seed", "0", "--num_validation_images", "4",
+            "--target_epsilon", epsilon, "--seed", seed, "--num_validation_images", "4",
             "--max_train_samples", str(SCALE["max_train_samples"]),
             "--expected_batch_size", str(SCALE["expected_batch_size"]),
             "--max_train_steps", str(SCALE["max_train_steps"]), "--learning_rate", str(SCALE["learning_rate"]),
-            "--rank", str(SCALE["rank"]), *train_flags], log)
+            "--rank", str(SCALE["rank"]), "--clipping", SCALE["clipping"],
+            "--selection_clipping", SCALE["clipping"], *train_flags], log)
         train_measure.write_text(json.dumps(stages["train"]))  # the work folder exists once trained
     synthetic = RUNS / f"{key}-synthetic"
     stages["synthesis"] = run_measured([
-        python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", "0",
+        python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
         "--images_per_class", str(SCALE["images_per_class"]),
         "--num_inference_steps", str(SCALE["num_inference_steps"]),
         *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts())], log)
@@ -100,8 +105,8 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None) -> Path:
     stages["evaluation"] = run_measured([
         python, "examples/evaluate.py", "--synthetic_dir", str(synthetic), "--output_json", str(metrics_file),
         "--epochs", str(SCALE["classifier_epochs"])], log)
-    result = {"method": method, "epsilon": epsilon, "scale": SCALE, "stages": stages,
-              **json.loads(metrics_file.read_text())}
+    result = {"method": method, "epsilon": epsilon, "seed": seed, "scale": SCALE, "stages": stages,
+              "load_average_at_end": os.getloadavg(), **json.loads(metrics_file.read_text())}
     if train_flags is not None:
         report = json.loads((run_dir / "privacy_report.json").read_text())
         selection = json.loads((run_dir / "selection.json").read_text())
@@ -127,19 +132,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", default=None, help="Run only methods whose name contains this text.")
+    p.add_argument("--seeds", nargs="+", default=list(SEEDS), help="Seeds of the seeded main comparison.")
     args = p.parse_args()
-    # Order of importance, so an interrupted benchmark still has the main comparison.
-    plan = [(m, e, METHODS[m]) for m in ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)") for e in EPSILONS]
-    plan += [(PUBLIC, "public", None), (NON_PRIVATE[0], "inf", NON_PRIVATE[1])]
-    plan += [(m, e, flags) for m, flags in METHODS.items() for e in EPSILONS if (m, e, flags) not in plan]
+    # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
+    # at epsilon 10 over the seeds, the two references, then epsilon 1, then one seed of every variant.
+    main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
+    plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
+    plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
+    plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
+    plan += [(m, e, flags, "0") for m, flags in METHODS.items() for e in EPSILONS if m not in main_methods]
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}
-        for future, (method, epsilon, _) in futures.items():
+        for future, (method, epsilon, _, seed) in futures.items():
             try:
-                print(f"done: {method} eps={epsilon} -> {future.result()}", flush=True)
+                print(f"done: {method} eps={epsilon} seed={seed} -> {future.result()}", flush=True)
             except Exception as error:  # report and continue with the other runs
-                print(f"FAILED: {method} eps={epsilon}: {error}", flush=True)
+                print(f"FAILED: {method} eps={epsilon} seed={seed}: {error}", flush=True)
 
 
 if __name__ == "__main__":

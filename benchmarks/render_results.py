@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from quality import EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, SCALE
+import numpy as np
+from quality import EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, SCALE, SEEDS
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -17,17 +18,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_runs() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*_eps*.json"))]
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*_eps*_seed*.json"))]
 
 
 def summary(runs: list[dict]) -> dict:
-    """{method: {epsilon: {"acc", "fid", "fid_features"}}}; epsilon as a string ('inf' non-private)."""
-    out: dict = {}
+    """{method: {epsilon: {"acc", "fid", "fid_features", "acc_std", "fid_std", "seeds"}}}: means over the
+    seeds (sample std, 0 for one seed); epsilon as a string ('inf' non-private)."""
+    grouped: dict = {}
     for run in runs:
         eps = "inf" if run["epsilon"] == "public" else run["epsilon"]
-        out.setdefault(run["method"], {})[eps] = {"acc": run["acc"], "fid": run["fid"],
-                                                  "fid_features": run["fid_features"]}
+        grouped.setdefault(run["method"], {}).setdefault(eps, []).append(run)
+    out: dict = {}
+    for method, by_eps in grouped.items():
+        for eps, group in by_eps.items():
+            acc, fid = np.array([r["acc"] for r in group]), np.array([r["fid"] for r in group])
+            out.setdefault(method, {})[eps] = {
+                "acc": float(acc.mean()), "fid": float(fid.mean()), "fid_features": group[0]["fid_features"],
+                "acc_std": float(acc.std(ddof=1)) if len(group) > 1 else 0.0,
+                "fid_std": float(fid.std(ddof=1)) if len(group) > 1 else 0.0,
+                "seeds": sorted(r.get("seed", "0") for r in group)}
     return out
+
+
+def cell(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    if len(r["seeds"]) == 1:
+        return f"{r['fid']:.2f} / {100 * r['acc']:.1f} (1 seed)"
+    return (f"{r['fid']:.2f} ± {r['fid_std']:.2f} / {100 * r['acc']:.1f} ± {100 * r['acc_std']:.1f} "
+            f"({len(r['seeds'])} seeds)")
 
 
 def main_table(table: dict) -> str:
@@ -36,20 +55,19 @@ def main_table(table: dict) -> str:
     for method in METHODS:
         cells = []
         for eps in EPSILONS:
-            r = table.get(method, {}).get(eps)
-            cells.append(f"{r['fid']:.2f} / {100 * r['acc']:.1f}" if r else "not run")
+            cells.append(cell(table.get(method, {}).get(eps)))
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     for method in (NON_PRIVATE[0], PUBLIC):
-        r = table.get(method, {}).get("inf")
-        cell = f"{r['fid']:.2f} / {100 * r['acc']:.1f}" if r else "not run"
-        rows.append(f"| {method} | " + " | ".join([cell] * len(EPSILONS)) + " (no DP) |")
+        reference = cell(table.get(method, {}).get("inf"))
+        rows.append(f"| {method} | " + " | ".join([reference] * len(EPSILONS)) + " (no DP) |")
     return "\n".join(rows)
 
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
     """Matrices selected per block at each ratio (the paper's Table 7)."""
     ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF")), key=lambda m: float(m.split()[-1][:-1]))
-    chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon), None)
+    chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon
+                       and r.get("seed", "0") == "0"), None)
               for m in ratios}
     any_run = next((r for r in runs if r.get("selected") is not None), None)
     if any_run is None:
@@ -70,7 +88,7 @@ def compute_table(runs: list[dict], epsilon: str) -> str:
     rows = ["| method | selection s | peak RSS after selection MB | DP-SGD s | peak RSS after DP-SGD MB "
             "| synthesis s | synthesis peak RSS MB | evaluation s |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        if run["epsilon"] != epsilon:
+        if run["epsilon"] != epsilon or run.get("seed", "0") != "0":
             continue
         t = run.get("train_timings") or {}
         stages = run["stages"]
@@ -86,7 +104,7 @@ def main():
     table = summary(runs)
     (RESULTS / "summary.json").write_text(json.dumps(table, indent=2))
     features = sorted({r["fid_features"] for r in runs}) or ["(none yet)"]
-    sigma = {(r["method"], r["epsilon"]): s["noise_multiplier"] for r in runs
+    sigma = {(r["method"], r["epsilon"]): s["noise_multiplier"] for r in runs if r.get("seed", "0") == "0"
              for s in (r.get("privacy") or {}).get("stages", []) if s["name"] == "dp_sgd"}
     sigma_rows = "\n".join(f"| {m} | {e} | {v:.3g} |" for (m, e), v in sorted(sigma.items()))
     text = f"""# Results on the embedded default (tiny public model, Fashion-MNIST)
@@ -95,8 +113,11 @@ Produced by `python benchmarks/quality.py --jobs 2 && python benchmarks/render_r
 are in `docs/results/<method>_eps<epsilon>.json` and the table below is rendered from `docs/results/summary.json`.
 
 **Scale (2 CPU cores, all methods identical, nothing tuned on the test split):** {json.dumps(SCALE)}.
-delta = 1/(N ln N); calibration with the PLD accountant; selection noise multiplier 5, C = 1 for both stages;
-LoRA alpha = rank; AdamW lr {SCALE['learning_rate']}; seed 0 for data randomness (DP noise from os.urandom).
+delta = 1/(N ln N); calibration with the PLD accountant; automatic clipping (C = 1) for both stages; the selection
+query's noise calibrated to take 10% of the budget (the library default); LoRA alpha = rank; AdamW lr
+{SCALE['learning_rate']}. Seeded rows give mean ± sample std over seeds {', '.join(SEEDS)} (fresh DP noise,
+sampling and diffusion randomness each run, from os.urandom; the seed sets the LoRA init and the synthesis seed);
+other rows are one seed. The load average at the end of each run is in its JSON.
 FID is a Frechet distance in the feature space **{', '.join(features)}** (no InceptionV3 weights offline), against
 the {SCALE['real_test_images']} real test images; Acc is the accuracy on the real test split of a ResNet-8 trained on
 the synthetic images (epoch picked on a held-out synthetic split).

@@ -10,7 +10,8 @@ OUT=${OUT:-outputs/dp-sapf-fashion-mnist}
 if [ ! -f "$OUT/privacy_report.json" ]; then
   # an interrupted run is resumed (its spent budget stays counted), never silently restarted
   if [ -f "$OUT-work/ledger.json" ]; then continue_flag="--resume_from_checkpoint latest"; else continue_flag=""; fi
-  .venv/bin/accelerate launch --num_processes 1 examples/train_dp_sapf.py \
+  # accelerate launch defaults to one CPU thread per process (OMP_NUM_THREADS=1): give it every core
+  .venv/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process "$(nproc)" examples/train_dp_sapf.py \
     --output_dir "$OUT" $continue_flag "$@"
 fi
 .venv/bin/python examples/synthesize.py --lora_dir "$OUT" --output_dir "$OUT-synthetic" --images_per_class 20

@@ -125,3 +125,40 @@ def test_loda_adapters_train_privately_and_reload(tmp_path, variant):
         load_adapter(pipe, out)
         adapted = pipe.unet(latents, torch.tensor([500]), states).sample
     assert not torch.allclose(public, adapted)
+
+
+def test_a_subsampled_query_is_accounted_as_dp_accounting_does_and_divides_by_q_n():
+    import dp_accounting
+
+    from peft_dp_saliency.config import SaliencyLoraConfig
+    from peft_dp_saliency.selection import _noisy_average_gradients
+    from tiny_models import tiny_encoded_data
+
+    n, q, sigma = 60_000, 0.1, 2.0
+    delta = accounting.default_delta(n)
+    ours = accounting.compute_epsilon([accounting.selection_stage(sigma, 1.0, q)], delta, "pld")
+    pld = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+                                          value_discretization_interval=1e-3)
+    pld.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+    assert ours == pytest.approx(pld.get_epsilon(delta), abs=1e-9)
+    assert ours < accounting.compute_epsilon([accounting.selection_stage(sigma, 1.0)], delta, "pld")
+    # the subsampled query sums the clipped gradients of its Poisson sample and divides by q N (not by
+    # the realised sample size): rebuild the sample from the same (deterministic, test-only) generator
+    from peft_dp_saliency.diffusion import EncodedDataset
+    from peft_dp_saliency.dp_sgd import PoissonSampler
+    from peft_dp_saliency.noise import noise_generator
+
+    unet = tiny_unet().requires_grad_(False)
+    data = tiny_encoded_data(n=40)
+    modules = find_candidates(unet, "attn_qkv")
+    common = dict(selection_noise_multiplier=1e-9, selection_clipping="flat", selection_seed=0,
+                  deterministic_noise=True)
+    sampled = _noisy_average_gradients(unet, tiny_scheduler(), data, modules,
+                                       SaliencyLoraConfig(**common, selection_sample_rate=0.5), 40, False)
+    sample = next(iter(PoissonSampler(40, 0.5, 1, noise_generator("cpu", 2000))))
+    assert 0 < len(sample) < 40
+    subset = EncodedDataset(data.latents[sample], data.labels[sample], data.prompt_embeds)
+    mean_over_sample = _noisy_average_gradients(unet, tiny_scheduler(), subset, modules,
+                                                SaliencyLoraConfig(**common), 40, False)
+    for name, value in sampled.items():
+        torch.testing.assert_close(value, mean_over_sample[name] * len(sample) / (0.5 * 40), rtol=1e-4, atol=1e-6)

@@ -112,3 +112,16 @@ def test_selected_names_exist_and_table_lists_blocks():
 def test_empty_data_is_refused_before_any_query():
     with pytest.raises(ValueError, match="sensitive dataset"):
         select_target_modules(tiny_unet(), tiny_scheduler(), None, config(), show_progress=False)
+
+
+def test_a_standalone_query_is_recorded_in_the_ledger_each_time(tmp_path):
+    from peft_dp_saliency.accounting import SpendingLedger
+
+    unet = tiny_unet().requires_grad_(False)
+    ledger = SpendingLedger(str(tmp_path / "ledger.json"))
+    config = SaliencyLoraConfig(selection_noise_multiplier=3.0)
+    for _ in range(2):
+        select_target_modules(unet, tiny_scheduler(), tiny_encoded_data(), config, ledger=ledger)
+    assert [(s.name, s.noise_multiplier, s.steps) for s in ledger.stages()] == [("selection", 3.0, 2)]
+    select_target_modules(unet, tiny_scheduler(), None, SaliencyLoraConfig(selection_strategy="all"), ledger=ledger)
+    assert ledger.stages()[0].steps == 2  # strategy 'all' reads no data and costs nothing

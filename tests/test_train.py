@@ -114,3 +114,102 @@ def test_no_lora_release_is_an_exact_full_rank_adapter(tmp_path):
     torch.testing.assert_close(unet_output(fresh), reference, rtol=0, atol=1e-5)
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["private"] is False and report["epsilon"]["pld"] == "inf"
+
+
+def test_release_loads_with_peft_entry_points_without_warnings(pushed_run, recwarn):
+    import warnings
+
+    from peft import LoraConfig, PeftConfig, PeftModel
+
+    out, _ = pushed_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns on unexpected keys: none may be there
+        peft_config = PeftConfig.from_pretrained(str(out))
+        lora_config = LoraConfig.from_pretrained(str(out))
+    assert type(lora_config) is LoraConfig and lora_config.r == 2 and lora_config.lora_alpha == 6
+    assert peft_config.base_model_name_or_path is None  # a local base is never written as a path
+    reference = unet_output(trained_pipe(out))
+    pipe = load_public_pipeline()
+    model = PeftModel.from_pretrained(pipe.unet, str(out))
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    states = torch.randn(2, pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model(latents, torch.tensor([10, 500]), states).sample, reference,
+                                   rtol=0, atol=1e-6)
+    config = SaliencyLoraConfig.from_pretrained(out)  # the selection fields come back from selection.json
+    assert config.selection_strategy == "saliency" and config.candidate_pool == "attn_qkv"
+
+
+def test_model_card_metadata_is_valid_and_has_no_local_path(pushed_run):
+    from huggingface_hub import ModelCard
+
+    from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+
+    out, _ = pushed_run
+    card = ModelCard.load(out / "README.md")  # parses the YAML into ModelCardData (raises if invalid)
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "text-to-image" and data["library_name"] == "diffusers"
+    assert data["license"] == "apache-2.0"  # the embedded base model's own card license, not hard-coded
+    assert "base_model" not in data and "base_model_relation" not in data  # the base is a local folder
+    assert data["widget"][0]["output"]["url"] == "samples.png"
+    assert str(EMBEDDED_MODEL_PATH) not in card.text and "/tmp" not in card.text
+    assert "zero-out" in card.text and "class names" in card.text.lower()
+
+
+def test_hub_base_license_and_ids_in_card_metadata():
+    from peft_dp_saliency.hub import card_metadata
+
+    data = card_metadata("stable-diffusion-v1-5/stable-diffusion-v1-5", ["An image of a cat"],
+                         "creativeml-openrail-m", "uoft-cs/cifar10").to_dict()
+    assert data["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data["base_model_relation"] == "adapter" and data["datasets"] == ["uoft-cs/cifar10"]
+    assert data["license"] == "creativeml-openrail-m"
+
+
+def test_a_paid_selection_is_reused_and_counted(pushed_run, tmp_path, monkeypatch):
+    out, _ = pushed_run
+    script = training_script()
+    monkeypatch.setattr(script, "select_target_modules", lambda *a, **k: pytest.fail("ran a second query"))
+    reused = tmp_path / "reused"
+    script.main(TINY + ["--output_dir", str(reused), "--selection_json", str(out / "selection.json"),
+                        "--selection_ratio", "0.5", "--target_epsilon", "8"])
+    paid = json.loads((out / "selection.json").read_text())
+    selection = json.loads((reused / "selection.json").read_text())
+    assert selection["scores"] == paid["scores"] and selection["ratio"] == 0.5
+    top = sorted(paid["scores"], key=paid["scores"].get, reverse=True)[:round(0.5 * len(paid["units"]))]
+    assert set(selection["selected"]) == {m for u in top for m in paid["units"][u]}
+    report = PrivacyReport.load(str(reused / "privacy_report.json"))
+    assert [s["name"] for s in report.stages] == ["selection", "dp_sgd"]
+    assert report.stages[0]["noise_multiplier"] == paid["mechanism"]["noise_multiplier"]
+    assert report.guarantee_epsilon <= 8.0
+
+
+def test_fit_from_python_gives_the_same_artefacts_as_the_command(tmp_path, pushed_run):
+    from peft_dp_saliency.train import fit
+
+    with pytest.raises(TypeError, match="unknown training options"):
+        fit(tmp_path / "x", max_grad_nrom=1.0)
+    result = fit(tmp_path / "api", max_train_samples=48, max_train_steps=3, expected_batch_size=16,
+                 train_batch_size=8, selection_batch_size=24, num_validation_images=1, checkpointing_steps=2,
+                 seed=0, rank=2, lora_alpha=6, target_epsilon=8)
+    script_out, _ = pushed_run
+    assert {p.name for p in result.output_dir.iterdir()} == {p.name for p in script_out.iterdir()}
+    assert result.report.guarantee_epsilon <= 8 and result.selection.strategy == "saliency"
+    pipe = load_public_pipeline()
+    public = unet_output(pipe)
+    result.load_into(pipe)
+    assert not torch.allclose(unet_output(pipe), public)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("no_lora", [False, True])
+def test_mixed_precision_runs_on_cpu_with_fp32_trainable_weights(tmp_path, precision, no_lora):
+    out = tmp_path / "run"
+    training_script().main(["--output_dir", str(out), "--max_train_samples", "16", "--max_train_steps", "2",
+                            "--expected_batch_size", "8", "--train_batch_size", "8", "--selection_batch_size", "16",
+                            "--num_validation_images", "1", "--validation_prompt", "An image of a Bag",
+                            "--mixed_precision", precision, *(["--no_lora"] if no_lora else [])])
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert PrivacyReport.load(str(out / "privacy_report.json")).private

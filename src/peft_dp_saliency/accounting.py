@@ -115,9 +115,10 @@ class Stage:
                    max_grad_norm=float(data["max_grad_norm"]))
 
 
-def selection_stage(noise_multiplier: float, max_grad_norm: float) -> Stage:
-    """The one-shot selection query: Gaussian mechanism on the whole dataset."""
-    return Stage(SELECTION, noise_multiplier, sample_rate=1.0, steps=1, max_grad_norm=max_grad_norm)
+def selection_stage(noise_multiplier: float, max_grad_norm: float, sample_rate: float = 1.0) -> Stage:
+    """The one-shot selection query: a Gaussian mechanism on the whole dataset, or on a Poisson
+    subsample of rate ``sample_rate`` (amplified by subsampling)."""
+    return Stage(SELECTION, noise_multiplier, sample_rate=sample_rate, steps=1, max_grad_norm=max_grad_norm)
 
 
 def dp_sgd_stage(noise_multiplier: float, sample_rate: float, steps: int,
@@ -353,11 +354,14 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
 
 
 def selection_noise_for_budget(epsilon: float, delta: float, adjacency: str = DEFAULT_ADJACENCY,
-                               dataset_size: int | None = None) -> float:
-    """The smallest selection noise multiplier sigma_s whose query alone costs at most ``epsilon``
-    (nats, at ``delta``) under EVERY accountant: the larger of the per-accountant calibrations."""
-    return max(calibrate_noise_multiplier(epsilon, delta, 1.0, 1, accountant=name, dataset_size=dataset_size,
-                                          adjacency=adjacency) for name in ACCOUNTANTS)
+                               dataset_size: int | None = None, sample_rate: float = 1.0) -> float:
+    """The smallest selection noise multiplier sigma_s whose query (Poisson rate ``sample_rate``) alone
+    costs at most ``epsilon`` (nats, at ``delta``) under every accountant that supports ``adjacency``:
+    the larger of the per-accountant calibrations."""
+    probe = [selection_stage(1.0, 1.0, sample_rate)]
+    return max(calibrate_noise_multiplier(epsilon, delta, sample_rate, 1, accountant=name,
+                                          dataset_size=dataset_size, adjacency=adjacency)
+               for name in ACCOUNTANTS if supports(name, probe, adjacency))
 
 
 def _bracket(epsilon_at, target: float) -> tuple[float, float, float, float]:

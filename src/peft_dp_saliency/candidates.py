@@ -59,7 +59,8 @@ def unit_of(name: str, unit: str) -> str:
     if unit == "matrix":
         return name
     if unit == "layer":
-        return re.sub(r"\.(to_q|to_k|to_v|to_out\.0)$", "", name)
+        # joint-attention (MMDiT) context projections belong to their attention layer too
+        return re.sub(r"\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$", "", name)
     raise ValueError(f"unknown selection unit {unit!r}; choose one of {UNITS}")
 
 
@@ -79,7 +80,10 @@ def block_label(name: str) -> str:
     if name.startswith("mid_block"):
         return "Mid"
     match = re.match(r"transformer_blocks\.(\d+)", name)
-    return f"B{match.group(1)}" if match else name.split(".")[0]
+    if match:
+        return f"B{match.group(1)}"
+    match = re.match(r"single_transformer_blocks\.(\d+)", name)  # Flux's single-stream blocks
+    return f"S{match.group(1)}" if match else name.split(".")[0]
 
 
 def matrix_label(name: str) -> str:
@@ -94,6 +98,6 @@ def matrix_label(name: str) -> str:
 
 def block_order(label: str) -> tuple[int, int]:
     """Sort key for block labels: down blocks, mid block, up blocks (input to output)."""
-    rank = {"D": 0, "M": 1, "U": 2}.get(label[0], 3)
+    rank = {"D": 0, "M": 1, "U": 2, "S": 4}.get(label[0], 3)
     digits = "".join(ch for ch in label if ch.isdigit())
     return rank, int(digits) if digits else 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional
 
 from peft import LoraConfig
@@ -11,6 +13,7 @@ from .candidates import POOLS, UNITS
 from .per_sample import CLIPPING
 
 STRATEGIES = ("saliency", "random", "all")
+SELECTION_FILE = "selection.json"  # released next to adapter_config.json: the selection and these fields
 SCORES = ("norm", "debiased")
 
 
@@ -46,6 +49,9 @@ class SaliencyLoraConfig(LoraConfig):
                 "unclipped and ~14x below the noise on the embedded model."})
     selection_noise_multiplicity: int = field(default=1, metadata={
         "help": "K (timestep, noise) draws averaged per example before clipping (free in privacy, K x compute)."})
+    selection_sample_rate: float = field(default=1.0, metadata={
+        "help": "q_s in (0, 1]: the query runs on a Poisson subsample (each example with probability q_s, from "
+                "a secret generator), divides by q_s N and is accounted as a subsampled Gaussian (amplified)."})
     selection_seed: Optional[int] = field(default=None, metadata={
         "help": "Seed of the data-independent random strategy only (public). The query's randomness (DP "
                 "noise, each example's timestep and diffusion noise) never derives from it unless "
@@ -71,6 +77,8 @@ class SaliencyLoraConfig(LoraConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(choices)}")
         if not (isinstance(self.selection_noise_multiplicity, int) and self.selection_noise_multiplicity >= 1):
             raise ValueError(f"selection_noise_multiplicity must be an int >= 1, got {self.selection_noise_multiplicity}")
+        if not 0 < self.selection_sample_rate <= 1:
+            raise ValueError(f"selection_sample_rate must be in (0, 1], got {self.selection_sample_rate}")
         if not 0 < self.selection_ratio <= 1:
             raise ValueError(f"selection_ratio must be in (0, 1], got {self.selection_ratio}")
         if self.selection_strategy == "saliency":
@@ -79,6 +87,18 @@ class SaliencyLoraConfig(LoraConfig):
                                  f"got {self.selection_noise_multiplier}")
             if not self.selection_max_grad_norm > 0:
                 raise ValueError(f"selection_max_grad_norm must be > 0, got {self.selection_max_grad_norm}")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load adapter_config.json (a plain LoraConfig, or an older one holding every field) and overlay
+        the selection fields of ``selection.json`` (key "config") when that file is there."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = Path(pretrained_model_name_or_path, subfolder or "")
+        selection_file = folder / SELECTION_FILE
+        if selection_file.is_file():
+            for key, value in json.loads(selection_file.read_text()).get("config", {}).items():
+                setattr(config, key, value)
+        return config
 
     @classmethod
     def from_peft_type(cls, **kwargs):
@@ -90,6 +110,10 @@ class SaliencyLoraConfig(LoraConfig):
         """Only the LoraConfig fields (what diffusers' adapter metadata accepts)."""
         lora_fields = {f.name for f in fields(LoraConfig)}
         return {k: v for k, v in self.to_dict().items() if k in lora_fields}
+
+    def plain_lora_config(self, base_model_name_or_path: str | None = None) -> LoraConfig:
+        """The LoraConfig part, as PEFT's own loaders expect it in adapter_config.json."""
+        return LoraConfig(**{**self.lora_config_dict(), "base_model_name_or_path": base_model_name_or_path})
 
     def selection_dict(self) -> dict[str, Any]:
         """Only the selection fields added by this subclass."""

@@ -85,9 +85,9 @@ def per_sample_diffusion_loss(unet, noise_scheduler, latents: torch.Tensor,
     Target: the noise or the velocity, by the scheduler's prediction_type, as in diffusers' scripts.
     """
     batch = latents.shape[0]
-    if batch == 0 or noise.shape[0] % batch:
+    if (batch == 0) != (noise.shape[0] == 0) or (batch and noise.shape[0] % batch):
         raise ValueError(f"noise has {noise.shape[0]} rows, not a multiple of the {batch} examples")
-    k = noise.shape[0] // batch
+    k = noise.shape[0] // batch if batch else 1  # an empty batch is a valid DP-SGD step
     if k > 1:
         latents = latents.repeat_interleave(k, dim=0)
         encoder_hidden_states = encoder_hidden_states.repeat_interleave(k, dim=0)

@@ -17,15 +17,18 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
-from huggingface_hub import ModelCard, create_repo, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub.errors import HfHubHTTPError
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
+from safetensors.torch import save_file
 
 from .accounting import PrivacyReport, write_json_atomic
-from .config import SaliencyLoraConfig
+from .config import SELECTION_FILE, SaliencyLoraConfig
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-PUBLISHABLE_FILES = {LORA_WEIGHTS, "adapter_config.json", "selection.json", "privacy_report.json",
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights
+PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's PeftModel.from_pretrained
+PUBLISHABLE_FILES = {LORA_WEIGHTS, PEFT_WEIGHTS, "adapter_config.json", "selection.json", "privacy_report.json",
                      "class_prompts.json", "samples.png", "README.md",
                      "loda_adapter.safetensors", "loda_config.json"}  # LoDA releases (--adapter loda*)
 STAGING_DIR = ".release-staging"
@@ -46,12 +49,23 @@ def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, tor
     return state, ranks
 
 
+def hub_model_id(base_model: str) -> str | None:
+    """`base_model` if it names a Hub repository, None for a local folder (never released as a path)."""
+    return None if Path(base_model).expanduser().exists() else base_model
+
+
 def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
-                 matrix_deltas: dict[str, torch.Tensor] | None = None) -> None:
-    """Write pytorch_lora_weights.safetensors (+ LoraConfig-only metadata) and adapter_config.json.
+                 matrix_deltas: dict[str, torch.Tensor] | None = None, base_model: str | None = None) -> None:
+    """Write the adapter for both ecosystems, atomically:
+
+    - pytorch_lora_weights.safetensors: diffusers format (+ LoraConfig-only metadata, so alpha is
+      restored) for ``pipe.load_lora_weights``;
+    - adapter_model.safetensors + adapter_config.json (a plain LoraConfig, ``base_model_name_or_path``
+      set only for a Hub base) for PEFT's ``PeftConfig/LoraConfig/PeftModel.from_pretrained``.
 
     unet carries the trained PEFT adapter, unless matrix_deltas (module name -> W_trained - W_public)
-    is given, which is saved as an exact full-rank LoRA. Files are replaced atomically.
+    is given, which is saved as an exact full-rank LoRA. The selection fields go to selection.json
+    (:func:`save_selection`).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     if matrix_deltas is None:
@@ -66,9 +80,18 @@ def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-adapter-") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
                                                   unet_lora_adapter_metadata=released_config.lora_config_dict())
-        released_config.save_pretrained(tmp)
-        for name in (LORA_WEIGHTS, "adapter_config.json"):
+        released_config.plain_lora_config(base_model and hub_model_id(base_model)).save_pretrained(tmp)
+        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in peft_state.items()},
+                  str(Path(tmp) / PEFT_WEIGHTS), metadata={"format": "pt"})
+        for name in (LORA_WEIGHTS, PEFT_WEIGHTS, "adapter_config.json"):
             os.replace(Path(tmp) / name, output_dir / name)
+
+
+def save_selection(output_dir: Path, selection: dict, config: SaliencyLoraConfig) -> None:
+    """selection.json: the selection (noisy scores are DP outputs) and, under "config", the
+    SaliencyLoraConfig fields that are not LoraConfig's (so SaliencyLoraConfig.from_pretrained round-trips)."""
+    fields = {k: v for k, v in config.selection_dict().items() if k != "selection_result"}
+    save_json(output_dir, SELECTION_FILE, {**selection, "config": fields})
 
 
 def save_json(output_dir: Path, name: str, payload) -> None:
@@ -115,10 +138,39 @@ def check_publishable(output_dir: Path) -> None:
                            "move them out before publishing")
 
 
+def base_model_license(base_model: str) -> str | None:
+    """The license in the base model's own card (a local folder's README.md, or the Hub card when the Hub
+    is reachable); None when it cannot be read."""
+    local = Path(base_model).expanduser() / "README.md"
+    try:
+        return ModelCard.load(local if local.is_file() else base_model).data.license
+    except (OSError, ValueError, HfHubHTTPError):  # offline, no card, no such repo
+        return None
+
+
+def card_metadata(base_model: str, class_prompts: list[str], license: str | None,
+                  dataset_id: str | None) -> ModelCardData:
+    """The card's YAML: what the Hub validates (base_model only for a Hub id, never a local path)."""
+    hub_base = hub_model_id(base_model)
+    return ModelCardData(
+        base_model=hub_base, base_model_relation="adapter" if hub_base else None, library_name="diffusers",
+        pipeline_tag="text-to-image", license=license or "other", datasets=[dataset_id] if dataset_id else None,
+        tags=["text-to-image", "diffusers", "lora", "differential-privacy", "dp-sapf", "peft-dp-saliency"],
+        widget=[{"text": class_prompts[0], "output": {"url": "samples.png"}}], inference=False)
+
+
 def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
-               repo_id: str | None, adapter: str = "lora") -> ModelCard:
-    """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits."""
+               repo_id: str | None, adapter: str = "lora", license: str | None = None,
+               dataset_id: str | None = None) -> ModelCard:
+    """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits.
+
+    license: the adapter's license; default the base model's card license (an adapter of someone else's
+    weights inherits their terms), "other" when unknown. dataset_id: a Hub dataset name, if the data is one.
+    """
+    license = license or base_model_license(base_model)
+    base_name = hub_model_id(base_model) or f"a local model ({Path(base_model).name})"
+    load_base = hub_model_id(base_model) or "path/to/the/base/model"
     others = ", ".join(f"{name.upper()} gives epsilon {value:.3g}" for name, value in report.epsilon.items()
                        if name != report.accountant)
     guarantee = (f"({report.guarantee_epsilon:.3g}, {report.delta:.3g})-DP ({report.accountant.upper()} "
@@ -132,14 +184,11 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
     load_path = repo_id or "path/to/output_dir"
     load_call = (f'pipe.load_lora_weights("{load_path}")' if adapter == "lora" else
                  f'import peft_dp_saliency\npeft_dp_saliency.load_adapter(pipe, "{load_path}")  # LoDA: not a LoRA')
+    metadata = card_metadata(base_model, class_prompts, license, dataset_id)
     text = f"""---
-base_model: {base_model}
-library_name: diffusers
-license: apache-2.0
-tags: [text-to-image, diffusers, lora, differential-privacy, dp-sapf, peft-dp-saliency]
-inference: false
+{metadata.to_yaml()}
 ---
-# DP-SAPF LoRA adapter for {base_model}
+# DP-SAPF adapter for {base_name}
 
 LoRA adapters trained with differential privacy (DP-SAPF: saliency-aware selection of the adapted
 matrices, then DP-SGD) on a sensitive dataset.
@@ -170,13 +219,17 @@ LoRA rank {config.r}, alpha {config.lora_alpha}.
 ## How to load
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe = StableDiffusionPipeline.from_pretrained("{load_base}")
 {load_call}
 image = pipe({class_prompts[0]!r}).images[0]
 ```
 
 ## Samples
 ![samples](samples.png)
+
+## License
+{license or "other: the base model's license could not be read when this card was written; check the base model's terms"}
+(the adapter is a derivative of the base model's weights and follows its license).
 
 ## Limits
 DP bounds what the released outputs reveal about any one example; it does not make the data
@@ -186,10 +239,15 @@ Hyperparameters tuned on the sensitive data outside this run are not covered by 
     return ModelCard(text)
 
 
+def prepare_repo(repo_id: str, token: str | None = None, private: bool = True) -> str:
+    """Create (or find) the Hub repo, so a bad token or name fails before any privacy is spent."""
+    return create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
+
+
 def push_output_dir(output_dir: Path, repo_id: str, token: str | None = None, private: bool = True) -> str:
-    """Create the Hub repo and upload exactly output_dir (after the allow-list check)."""
+    """Upload exactly output_dir (after the allow-list check) to the (prepared) Hub repo."""
     check_publishable(output_dir)
-    repo_id = create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
+    repo_id = prepare_repo(repo_id, token, private)
     upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=token,
                   commit_message="DP-SAPF adapter, privacy report and model card")
     return repo_id

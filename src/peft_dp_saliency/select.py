@@ -34,6 +34,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Without --selection_noise_multiplier: sigma_s is the smallest noise whose query alone "
                         "costs at most this fraction of --target_epsilon (under both accountants).")
     g.add_argument("--selection_max_grad_norm", type=float, default=1.0)
+    g.add_argument("--selection_sample_rate", type=float, default=0.1,
+                   help="The query runs on a Poisson subsample of this rate (amplification accounted; 1 = all N).")
     g.add_argument("--selection_clipping", default="automatic", choices=["automatic", "flat"])
     g.add_argument("--selection_noise_multiplicity", type=int, default=1)
     g.add_argument("--selection_batch_size", type=int, default=64)
@@ -52,7 +54,8 @@ def config_from_args(args, seed: int | None, selection_noise_multiplier: float, 
         selection_ratio=args.selection_ratio, selection_strategy=args.selection_strategy,
         saliency_score=args.saliency_score, selection_noise_multiplier=selection_noise_multiplier,
         selection_max_grad_norm=args.selection_max_grad_norm, selection_clipping=args.selection_clipping,
-        selection_noise_multiplicity=args.selection_noise_multiplicity, selection_seed=data_seed,
+        selection_noise_multiplicity=args.selection_noise_multiplicity,
+        selection_sample_rate=args.selection_sample_rate, selection_seed=data_seed,
         deterministic_noise=deterministic, **lora_fields)
 
 
@@ -94,13 +97,15 @@ def main(argv=None) -> dict:
     accounting.check_delta(delta, len(dataset))
     data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size)
     sigma_s = args.selection_noise_multiplier or accounting.selection_noise_for_budget(
-        args.selection_budget_fraction * args.target_epsilon, delta, args.adjacency, len(dataset))
+        args.selection_budget_fraction * args.target_epsilon, delta, args.adjacency, len(dataset),
+        args.selection_sample_rate)
     config = config_from_args(args, args.seed, sigma_s)
     scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
     result = select_target_modules(pipe.unet, scheduler, data, config, args.selection_batch_size)
     out = result.to_dict()
     if result.mechanism is not None:
-        stages = [accounting.selection_stage(config.selection_noise_multiplier, config.selection_max_grad_norm)]
+        stages = [accounting.selection_stage(config.selection_noise_multiplier, config.selection_max_grad_norm,
+                                             config.selection_sample_rate)]
         out["privacy"] = {"delta": delta, "dataset_size": len(dataset), "adjacency": args.adjacency,
                           "epsilon": {a: accounting.compute_epsilon(stages, delta, a, adjacency=args.adjacency)
                                       for a in accounting.ACCOUNTANTS},

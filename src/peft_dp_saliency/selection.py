@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .accounting import SELECTION
 from .candidates import block_label, block_order, find_candidates, group_units, matrix_label
 from .config import SaliencyLoraConfig
 from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
+from .dp_sgd import PoissonSampler
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
 
@@ -63,6 +67,28 @@ class SelectionResult:
         return [name for members in self.units.values() for name in members]
 
 
+def load_paid_selection(path: str | Path) -> SelectionResult:
+    """A saliency query paid for earlier: the select CLI's JSON or a release's selection.json.
+
+    Raises ValueError unless it holds noisy scores and the query's mechanism (so it can be counted).
+    """
+    data = json.loads(Path(path).read_text())
+    known = {f.name for f in fields(SelectionResult)}
+    result = SelectionResult(**{k: v for k, v in data.items() if k in known})
+    if result.strategy != "saliency" or result.mechanism is None or not result.scores:
+        raise ValueError(f"{path} holds no paid saliency query (strategy {result.strategy!r}, no mechanism or "
+                         "scores): pass the output of `python -m peft_dp_saliency.select` or a DP-SAPF release")
+    return result
+
+
+def reselect(paid: SelectionResult, ratio: float) -> SelectionResult:
+    """The top-`ratio` units by the same noisy scores: post-processing of the paid query, no new one."""
+    k = number_selected(len(paid.units), ratio)
+    top = set(sorted(paid.scores, key=paid.scores.get, reverse=True)[:k])
+    chosen = [u for u in paid.units if u in top]
+    return replace(paid, ratio=ratio, selected=[m for u in chosen for m in paid.units[u]])
+
+
 def number_selected(num_units: int, ratio: float) -> int:
     """How many units the top-ratio keeps: round(ratio * U), at least 1."""
     return max(1, min(num_units, round(ratio * num_units)))
@@ -71,9 +97,10 @@ def number_selected(num_units: int, ratio: float) -> int:
 @torch.no_grad()
 def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candidates, config,
                              batch_size: int, show_progress: bool) -> dict[str, torch.Tensor]:
-    """The Gaussian mechanism: (sum_i clip(grad_i)) / N + N(0, (sigma_s C / N)^2) per coordinate."""
+    """The Gaussian mechanism: (sum_i clip(grad_i)) / (q N) + N(0, (sigma_s C / (q N))^2) per coordinate,
+    the sum over a Poisson subsample of rate q = selection_sample_rate (all examples when q = 1)."""
     device = data.latents.device
-    n = len(data)
+    n, q = len(data), config.selection_sample_rate
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     clipper = PerSampleClipper(candidates, config.selection_max_grad_norm, config.selection_clipping)
     k = config.selection_noise_multiplicity
@@ -83,8 +110,13 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     # (os.urandom), never from the public seed, unless deterministic_noise (tests: NOT private).
     seed = config.selection_seed if config.deterministic_noise else None
     data_generator = noise_generator(device, None if seed is None else seed + 1 + rank)
-    shard = torch.arange(rank, n, world, device=device)  # every example exactly once over processes
-    batches = shard.split(batch_size)
+    if q < 1:  # this rank's share of one Poisson-sampled batch (secret sampling, like DP-SGD's)
+        sampler = PoissonSampler(n, q, 1, noise_generator("cpu", None if seed is None else seed + 2000 + rank),
+                                 rank, world)
+        shard = next(iter(sampler)).to(device)
+    else:
+        shard = torch.arange(rank, n, world, device=device)  # every example exactly once over processes
+    batches = [batch for batch in shard.split(batch_size) if len(batch)]  # an empty sample: noise only
     nonfinite = 0
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
         latents, states = data.batch(indices)
@@ -102,7 +134,7 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     std = config.selection_noise_multiplier * config.selection_max_grad_norm
     noise_seed = config.selection_seed if config.deterministic_noise else None
     noisy_sums = sum_and_add_noise_once(sums, std, noise_generator(device, noise_seed))
-    return {key[: -len(".weight")]: value / n for key, value in noisy_sums.items()}
+    return {key[: -len(".weight")]: value / (q * n) for key, value in noisy_sums.items()}
 
 
 def unit_scores(noisy: dict[str, torch.Tensor], units: dict[str, list[str]], score: str,
@@ -118,11 +150,13 @@ def unit_scores(noisy: dict[str, torch.Tensor], units: dict[str, list[str]], sco
 
 def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
                           config: SaliencyLoraConfig, batch_size: int = 32,
-                          show_progress: bool = True) -> SelectionResult:
+                          show_progress: bool = True, ledger=None) -> SelectionResult:
     """Choose the adapted matrices and write them into ``config.target_modules``.
 
     data is needed only for strategy 'saliency'; 'random' and 'all' never touch it.
-    Also stores the result (a dict) in ``config.selection_result``.
+    Also stores the result (a dict) in ``config.selection_result``. The query's cost: its parameters
+    are in ``result.mechanism`` (``accounting.selection_stage``), and with a ``ledger``
+    (``accounting.SpendingLedger``) the query is recorded there before it runs, so every call is counted.
     """
     candidates = find_candidates(unet, config.candidate_pool)
     units = group_units(list(candidates), config.selection_unit)
@@ -137,14 +171,18 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
     else:
         if data is None or len(data) == 0:
             raise ValueError("the saliency strategy needs the sensitive dataset (got none or an empty one)")
+        if ledger is not None:  # spend first, then run: never refunded
+            ledger.record(SELECTION, config.selection_noise_multiplier, config.selection_sample_rate,
+                          config.selection_max_grad_norm)
         noisy = _noisy_average_gradients(unet, noise_scheduler, data, candidates, config, batch_size,
                                          show_progress)
-        noise_std = config.selection_noise_multiplier * config.selection_max_grad_norm / len(data)
+        noise_std = (config.selection_noise_multiplier * config.selection_max_grad_norm
+                     / (config.selection_sample_rate * len(data)))
         scores = unit_scores(noisy, units, config.saliency_score, noise_std)
         top = sorted(scores, key=scores.get, reverse=True)[:k]
         chosen_units = [u for u in units if u in set(top)]
         mechanism = {"name": "selection", "noise_multiplier": config.selection_noise_multiplier,
-                     "sample_rate": 1.0, "steps": 1, "max_grad_norm": config.selection_max_grad_norm,
+                     "sample_rate": config.selection_sample_rate, "steps": 1, "max_grad_norm": config.selection_max_grad_norm,
                      "dataset_size": len(data)}
     selected = [m for u in chosen_units for m in units[u]]
     result = SelectionResult(strategy=config.selection_strategy, pool=config.candidate_pool,

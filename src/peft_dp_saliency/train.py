@@ -16,11 +16,13 @@ Baselines by flags: --selection_strategy all (DP-LoRA), random, --selection_unit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import signal
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -36,14 +38,14 @@ from peft_dp_saliency import accounting, hub
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.diffusion import encode_dataset
-from peft_dp_saliency.loda import add_loda_adapters, save_loda
+from peft_dp_saliency.loda import add_loda_adapters, load_adapter, save_loda
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
 from peft_dp_saliency.select import add_selection_arguments, config_from_args
-from peft_dp_saliency.selection import SelectionResult, select_target_modules
+from peft_dp_saliency.selection import SelectionResult, load_paid_selection, reselect, select_target_modules
 
 logger = logging.getLogger("train_dp_sapf")
 
@@ -108,6 +110,10 @@ def parse_args(argv=None):
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--hub_token", default=None)
+    g.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
+    g.add_argument("--license", default=None,
+                   help="License of the released adapter. Default: the base model's card license (SD-1.5: "
+                        "creativeml-openrail-m), 'other' when it cannot be read.")
     g = p.add_argument_group("differential privacy")
     g.add_argument("--target_epsilon", type=float, default=10.0, help="'inf' trains without privacy.")
     g.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
@@ -134,6 +140,10 @@ def parse_args(argv=None):
                         "Without it such a run stops before spending more and releases nothing.")
     g.add_argument("--deterministic_noise", action="store_true",
                    help="Tests only: seed every mechanism's randomness from --seed. NOT private.")
+    g.add_argument("--selection_json", default=None,
+                   help="Reuse a saliency query paid for earlier (`python -m peft_dp_saliency.select` output or a "
+                        "release's selection.json) instead of running one: --selection_ratio re-ranks its noisy "
+                        "scores (post-processing) and this run's report still counts the query.")
     add_selection_arguments(p)
     return p.parse_args(argv)
 
@@ -154,6 +164,8 @@ def check_args(args) -> None:
             problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.selection_noise_multiplier is not None and not args.selection_noise_multiplier > 0:
         problems.append(f"--selection_noise_multiplier must be > 0, got {args.selection_noise_multiplier}")
+    if not 0 < args.selection_sample_rate <= 1:
+        problems.append(f"--selection_sample_rate must be in (0, 1], got {args.selection_sample_rate}")
     if not 0 < args.selection_budget_fraction < 1:
         problems.append(f"--selection_budget_fraction must be in (0, 1), got {args.selection_budget_fraction}")
     if not 0 < args.ema_decay < 1:
@@ -220,7 +232,25 @@ def plan_inputs(args, dataset) -> dict:
             "selection_noise_multiplier": args.selection_noise_multiplier,
             "selection_budget_fraction": args.selection_budget_fraction,
             "selection_max_grad_norm": args.selection_max_grad_norm, "selection_clipping": args.selection_clipping,
-            "selection_noise_multiplicity": args.selection_noise_multiplicity}
+            "selection_noise_multiplicity": args.selection_noise_multiplicity,
+            "selection_sample_rate": args.selection_sample_rate}
+
+
+def adopt_paid_selection(args, n: int) -> SelectionResult:
+    """Load --selection_json and make the run's selection flags describe that query (it is counted)."""
+    with input_errors(f"--selection_json {args.selection_json}"):
+        paid = load_paid_selection(args.selection_json)
+    mechanism = paid.mechanism
+    mismatched = [f"{what}: query {theirs!r}, run {ours!r}" for what, theirs, ours in (
+        ("dataset size", mechanism["dataset_size"], n), ("--candidate_pool", paid.pool, args.candidate_pool),
+        ("--selection_unit", paid.unit, args.selection_unit)) if theirs != ours]
+    if mismatched or args.selection_strategy != "saliency":
+        raise SystemExit(f"--selection_json {args.selection_json} does not fit this run ("
+                         + "; ".join(mismatched or ["--selection_strategy must be saliency"]) + ")")
+    args.selection_noise_multiplier = float(mechanism["noise_multiplier"])
+    args.selection_max_grad_norm = float(mechanism["max_grad_norm"])
+    args.selection_sample_rate = float(mechanism["sample_rate"])
+    return paid
 
 
 def calibrate_plan(inputs: dict) -> dict:
@@ -234,7 +264,7 @@ def calibrate_plan(inputs: dict) -> dict:
         with input_errors("--selection_budget_fraction"):
             sigma_s = accounting.selection_noise_for_budget(
                 inputs["selection_budget_fraction"] * inputs["target_epsilon"], inputs["delta"],
-                inputs["adjacency"], inputs["dataset_size"]) if private else 1.0
+                inputs["adjacency"], inputs["dataset_size"], inputs["selection_sample_rate"]) if private else 1.0
     calibrated = {"selection_sigma": sigma_s, "sample_rate": inputs["expected_batch_size"] / inputs["dataset_size"],
                   "effective_max_grad_norm": inputs["max_grad_norm"] if private else math.inf}
     sigma = dp_sgd_noise({**inputs, **calibrated}, planned_spending({**inputs, **calibrated}),
@@ -246,7 +276,8 @@ def planned_spending(plan: dict) -> list:
     """The stages a run spends before DP-SGD: the selection query, if the strategy reads the data."""
     if plan["selection_strategy"] != "saliency":
         return []
-    return [accounting.selection_stage(plan["selection_sigma"], plan["selection_max_grad_norm"])]
+    return [accounting.selection_stage(plan["selection_sigma"], plan["selection_max_grad_norm"],
+                                       plan["selection_sample_rate"])]
 
 
 def dp_sgd_noise(plan: dict, spent: list, steps: int) -> float:
@@ -307,6 +338,54 @@ def make_accelerator(args, work_dir: Path) -> Accelerator:
     return accelerator
 
 
+@dataclass
+class TrainingResult:
+    """What a finished run released (all DP outputs): the folder, its privacy report and selection."""
+
+    output_dir: Path
+    report: accounting.PrivacyReport
+    selection: SelectionResult
+
+    @classmethod
+    def load(cls, output_dir: str | Path) -> "TrainingResult":
+        output_dir = Path(output_dir)
+        selection = json.loads((output_dir / "selection.json").read_text())
+        known = {f.name for f in fields(SelectionResult)}
+        return cls(output_dir, accounting.PrivacyReport.load(str(output_dir / "privacy_report.json")),
+                   SelectionResult(**{k: v for k, v in selection.items() if k in known}))
+
+    def load_into(self, pipe) -> None:
+        """Install the released adapter in `pipe` (LoRA via load_lora_weights, LoDA via load_adapter)."""
+        if (self.output_dir / "loda_config.json").exists():
+            load_adapter(pipe, self.output_dir)
+        else:
+            pipe.load_lora_weights(str(self.output_dir))
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False) -> str:
+        """Upload exactly the released files (allow-list checked); returns the repo id."""
+        return hub.push_output_dir(self.output_dir, repo_id, token=token, private=private)
+
+
+def fit(output_dir: str | Path, **flags) -> TrainingResult:
+    """The whole run from Python: `fit("out", target_epsilon=1, max_train_steps=100, use_ema=True)`.
+
+    Keyword arguments are the command-line flags (`python -m peft_dp_saliency.train --help`; True for a
+    switch, a list for a multi-value flag); an unknown name raises TypeError before anything runs.
+    """
+    known = vars(parse_args([]))
+    unknown = sorted(set(flags) - set(known))
+    if unknown:
+        raise TypeError(f"unknown training options {unknown}; see python -m peft_dp_saliency.train --help")
+    argv = ["--output_dir", str(output_dir)]
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    main(argv)
+    return TrainingResult.load(output_dir)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -348,6 +427,13 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
             max_examples=args.max_train_samples)
     if len(dataset) < 2:
         raise SystemExit(f"the sensitive dataset has {len(dataset)} example(s); DP training needs at least 2")
+    paid = adopt_paid_selection(args, len(dataset)) if args.selection_json else None
+    if args.push_to_hub and accelerator.is_main_process:  # a bad token or repo name fails before spending
+        try:
+            hub.prepare_repo(args.hub_model_id, token=args.hub_token, private=args.hub_private)
+        except Exception as error:  # any Hub failure here (auth, name, network) must stop the run unspent
+            raise SystemExit(f"--push_to_hub: cannot create or access {args.hub_model_id}: {error}. Nothing was "
+                             "spent: fix the token (`hf auth login`) or --hub_model_id and rerun") from error
     inputs = plan_inputs(args, dataset)
     plan = broadcast_object_list([state.plan(inputs, lambda: calibrate_plan(inputs))])[0]
     logger.info("N=%d q=%.4g sigma=%.4g delta=%.3g over %d steps", plan["dataset_size"], plan["sample_rate"],
@@ -375,12 +461,21 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
     config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
                               lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian")
     selection = state.selection()
+    if selection is None and paid is not None:
+        if {m for members in paid.units.values() for m in members} != set(find_candidates(unet, args.candidate_pool)):
+            raise SystemExit(f"--selection_json {args.selection_json}: its matrices are not this model's "
+                             f"{args.candidate_pool} candidates (another base model?)")
+        state.record_spending("selection", plan["selection_sigma"], plan["selection_sample_rate"],
+                              args.selection_max_grad_norm)
+        selection = reselect(paid, args.selection_ratio)
+        state.save_selection(selection)
     if selection is None:
         if args.selection_strategy == "saliency":  # spend first, then run: never refunded
             noise_for_remaining_steps(plan, _spent(state) + planned_spending(plan), plan["max_train_steps"],
                                       args.allow_over_budget_release)  # exits if a re-run cannot fit
-            state.record_spending("selection", plan["selection_sigma"], 1.0, args.selection_max_grad_norm)
-        with state.timed("selection"):
+            state.record_spending("selection", plan["selection_sigma"], plan["selection_sample_rate"],
+                                  args.selection_max_grad_norm)
+        with state.timed("selection"), mixed_precision(accelerator.device, weight_dtype):
             selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
                                               show_progress=accelerator.is_local_main_process)
         selection = broadcast_object_list([selection])[0]
@@ -434,7 +529,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
         for step, indices in enumerate(sampler, start=start_step + 1):
             state.record_spending("dp_sgd", settings.noise_multiplier, settings.sample_rate,
                                  settings.max_grad_norm)  # before the step touches the data
-            loss = dp_step(torch.as_tensor(indices, dtype=torch.long, device=device))
+            with mixed_precision(device, weight_dtype):  # fp16/bf16 compute; fp32 trainable weights and DP sums
+                loss = dp_step(torch.as_tensor(indices, dtype=torch.long, device=device))
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -465,6 +561,13 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
         release(args, output_dir, pipe, config, selection, report, dataset, deltas)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def mixed_precision(device: torch.device, weight_dtype: torch.dtype):
+    """torch.autocast to the frozen weights' dtype (as diffusers' scripts do with accelerator.autocast, which
+    accelerate leaves off on CPU), so fp32 trainable matrices (--no_lora) meet fp16/bf16 activations."""
+    enabled = weight_dtype != torch.float32
+    return torch.autocast(device.type, dtype=weight_dtype, enabled=enabled)
 
 
 def _spent(state: RunState) -> list:
@@ -503,19 +606,22 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
     try:
         with hub.staged_release(output_dir) as staging:
             if args.adapter == "lora":
-                hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas)
+                hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas,
+                                 base_model=str(args.pretrained_model_name_or_path))
             else:
                 save_loda(staging, pipe.unet, {"selection_result": selection.to_dict()})
-            hub.save_json(staging, "selection.json", selection.to_dict())
+            hub.save_selection(staging, selection.to_dict(), config)
             report.save(str(staging / "privacy_report.json"))
             hub.save_json(staging, "class_prompts.json",
                           {"class_names": dataset.class_names, "prompts": dataset.prompts})
             prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
             use_dpm_solver(pipe)
-            grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
+            with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
+                grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
             hub.save_image(staging, "samples.png", grid)
             card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
-                                  selection.table(), dataset.prompts, args.hub_model_id, args.adapter)
+                                  selection.table(), dataset.prompts, args.hub_model_id, args.adapter,
+                                  license=args.license, dataset_id=_hub_dataset_id(args))
             card.save(str(staging / "README.md"))
     except OSError as error:
         raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "
@@ -524,8 +630,15 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
     logger.info("epsilon %s at delta %.3g (calibrated with %s); outputs in %s",
                 {k: round(v, 4) for k, v in report.epsilon.items()}, report.delta, report.accountant, output_dir)
     if args.push_to_hub:
-        repo = hub.push_output_dir(output_dir, args.hub_model_id, token=args.hub_token)
+        repo = hub.push_output_dir(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private)
         logger.info("pushed to https://huggingface.co/%s", repo)
+
+
+def _hub_dataset_id(args) -> str | None:
+    """--dataset_name when it names a Hub dataset (not a local folder)."""
+    if args.dataset_name is None or Path(args.dataset_name).expanduser().exists():
+        return None
+    return args.dataset_name
 
 
 def _vae_resolution(args) -> int:
