@@ -13,7 +13,7 @@ import torch
 from accelerate.tracking import GeneralTracker
 from PIL import Image
 
-from peft_dp_saliency import accounting, diffusion, dp_sgd, selection
+from peft_dp_saliency import accounting, diffusion, dp_sgd, families
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.dp_sgd import PoissonSampler
 from peft_dp_saliency.per_sample import PerSampleClipper
@@ -40,8 +40,7 @@ def recording_diffusion_inputs(monkeypatch):
         drawn.append((noise.clone(), timesteps.clone(), generator.initial_seed()))
         return noise, timesteps
 
-    monkeypatch.setattr(dp_sgd, "draw_diffusion_inputs", recording)
-    monkeypatch.setattr(selection, "draw_diffusion_inputs", recording)
+    monkeypatch.setattr(families.unet, "draw_diffusion_inputs", recording)  # SD's draws, in both stages
     return drawn
 
 

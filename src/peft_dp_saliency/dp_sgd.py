@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
+from .diffusion import EncodedDataset
+from .families import StableDiffusionFamily
 from .noise import sum_and_add_noise_once
 from .per_sample import PerSampleClipper
 
@@ -122,13 +123,14 @@ class DPSGDStep:
     """
 
     def __init__(self, unet, noise_scheduler, data: EncodedDataset, settings: DPSGDSettings,
-                 noise_gen: torch.Generator, diffusion_gen: torch.Generator):
+                 noise_gen: torch.Generator, diffusion_gen: torch.Generator, family=None):
         self.unet, self.noise_scheduler, self.data, self.settings = unet, noise_scheduler, data, settings
         self.modules = trainable_linears(unet)
         self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
         clipping = settings.clipping if math.isfinite(settings.max_grad_norm) else "flat"  # inf: no clipping
         self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm, clipping)
         self.noise_gen, self.diffusion_gen = noise_gen, diffusion_gen
+        self.family = family or StableDiffusionFamily()  # the loss and its randomness (families.*)
         self.nonfinite_examples = 0
 
     def clipped_sum(self, indices: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
@@ -138,15 +140,15 @@ class DPSGDStep:
         loss_sum = 0.0
         latents_all = self.data.latents
         k = self.settings.noise_multiplicity
-        noise, timesteps = draw_diffusion_inputs(len(indices) * k, latents_all.shape[1:], self.noise_scheduler,
-                                                 self.diffusion_gen, latents_all.device, latents_all.dtype)
+        noise, timesteps = self.family.draw_inputs(len(indices) * k, latents_all.shape[1:], self.noise_scheduler,
+                                                   self.diffusion_gen, latents_all.device, latents_all.dtype)
         size = self.settings.micro_batch_size
         for start, micro in zip(range(0, len(indices), size), indices.split(size)):
             latents, states = self.data.batch(micro)
             with self.clipper.capture():
                 rows = slice(start * k, (start + len(micro)) * k)
-                loss = per_sample_diffusion_loss(self.unet, self.noise_scheduler, latents, states,
-                                                 noise[rows], timesteps[rows])
+                loss = self.family.per_sample_loss(self.unet, self.noise_scheduler, latents, states,
+                                                   noise[rows], timesteps[rows])
                 clipped = self.clipper.clipped_sums(loss)
             for name, value in clipped.sums.items():
                 sums[name] += value

@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from huggingface_hub.errors import HfHubHTTPError
 from peft.utils import get_peft_model_state_dict
@@ -25,6 +23,7 @@ from safetensors.torch import save_file
 
 from .accounting import PrivacyReport, write_json_atomic
 from .config import SELECTION_FILE, SaliencyLoraConfig
+from .families import StableDiffusionFamily
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's PeftModel.from_pretrained
@@ -55,7 +54,8 @@ def hub_model_id(base_model: str) -> str | None:
 
 
 def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
-                 matrix_deltas: dict[str, torch.Tensor] | None = None, base_model: str | None = None) -> None:
+                 matrix_deltas: dict[str, torch.Tensor] | None = None, base_model: str | None = None,
+                 family=None) -> None:
     """Write the adapter for both ecosystems, atomically:
 
     - pytorch_lora_weights.safetensors: diffusers format (+ LoraConfig-only metadata, so alpha is
@@ -76,10 +76,9 @@ def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
         released_config = SaliencyLoraConfig(
             **{**config.selection_dict(), "r": max(ranks.values()), "lora_alpha": max(ranks.values()),
                "target_modules": list(ranks), "rank_pattern": ranks, "alpha_pattern": ranks})
-    state = convert_state_dict_to_diffusers(peft_state)
+    family = family or StableDiffusionFamily()
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-adapter-") as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state,
-                                                  unet_lora_adapter_metadata=released_config.lora_config_dict())
+        family.save_lora(tmp, peft_state, released_config.lora_config_dict())  # that family's load_lora_weights
         released_config.plain_lora_config(base_model and hub_model_id(base_model)).save_pretrained(tmp)
         save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in peft_state.items()},
                   str(Path(tmp) / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -162,7 +161,7 @@ def card_metadata(base_model: str, class_prompts: list[str], license: str | None
 def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
                repo_id: str | None, adapter: str = "lora", license: str | None = None,
-               dataset_id: str | None = None) -> ModelCard:
+               dataset_id: str | None = None, pipeline_class: str = "StableDiffusionPipeline") -> ModelCard:
     """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits.
 
     license: the adapter's license; default the base model's card license (an adapter of someone else's
@@ -218,8 +217,8 @@ LoRA rank {config.r}, alpha {config.lora_alpha}.
 
 ## How to load
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{load_base}")
+from diffusers import {pipeline_class}
+pipe = {pipeline_class}.from_pretrained("{load_base}")
 {load_call}
 image = pipe({class_prompts[0]!r}).images[0]
 ```

@@ -14,16 +14,17 @@ def use_dpm_solver(pipe) -> None:
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int, num_inference_steps: int = 25,
-             guidance_scale: float = 4.0, batch_size: int = 64) -> list[Image.Image]:
+             guidance_scale: float = 4.0, batch_size: int = 64, **size) -> list[Image.Image]:
     """One image per prompt, in order, reproducible for a given seed and batch size.
 
-    The generator lives on the pipeline's device so CPU and GPU runs follow the same code.
+    The generator lives on the pipeline's device so CPU and GPU runs follow the same code;
+    `size` (height, width in pixels) defaults to the pipeline's own.
     """
     images = []
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     for start in range(0, len(prompts), batch_size):
         out = pipe(prompts[start:start + batch_size], num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=generator, output_type="pil")
+                   guidance_scale=guidance_scale, generator=generator, output_type="pil", **size)
         images.extend(out.images)
     return images
 

@@ -20,9 +20,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .accounting import SELECTION
-from .candidates import block_label, block_order, find_candidates, group_units, matrix_label
+from .candidates import block_label, block_order, group_units, matrix_label
 from .config import SaliencyLoraConfig
-from .diffusion import EncodedDataset, draw_diffusion_inputs, per_sample_diffusion_loss
+from .diffusion import EncodedDataset
+from .families import StableDiffusionFamily
 from .dp_sgd import PoissonSampler
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
@@ -96,9 +97,10 @@ def number_selected(num_units: int, ratio: float) -> int:
 
 @torch.no_grad()
 def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candidates, config,
-                             batch_size: int, show_progress: bool) -> dict[str, torch.Tensor]:
+                             batch_size: int, show_progress: bool, family=None) -> dict[str, torch.Tensor]:
     """The Gaussian mechanism: (sum_i clip(grad_i)) / (q N) + N(0, (sigma_s C / (q N))^2) per coordinate,
     the sum over a Poisson subsample of rate q = selection_sample_rate (all examples when q = 1)."""
+    family = family or StableDiffusionFamily()
     device = data.latents.device
     n, q = len(data), config.selection_sample_rate
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -120,10 +122,10 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     nonfinite = 0
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):
         latents, states = data.batch(indices)
-        noise, timesteps = draw_diffusion_inputs(len(indices) * k, latents.shape[1:], noise_scheduler,
-                                                 data_generator, device, latents.dtype)
+        noise, timesteps = family.draw_inputs(len(indices) * k, latents.shape[1:], noise_scheduler,
+                                              data_generator, device, latents.dtype)
         with torch.enable_grad(), frozen_weights_tracked(unet, candidates), clipper.capture():
-            loss = per_sample_diffusion_loss(unet, noise_scheduler, latents, states, noise, timesteps)
+            loss = family.per_sample_loss(unet, noise_scheduler, latents, states, noise, timesteps)
             clipped = clipper.clipped_sums(loss)
         for key, value in clipped.sums.items():
             sums[key] += value
@@ -150,15 +152,17 @@ def unit_scores(noisy: dict[str, torch.Tensor], units: dict[str, list[str]], sco
 
 def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
                           config: SaliencyLoraConfig, batch_size: int = 32,
-                          show_progress: bool = True, ledger=None) -> SelectionResult:
+                          show_progress: bool = True, ledger=None, family=None) -> SelectionResult:
     """Choose the adapted matrices and write them into ``config.target_modules``.
 
     data is needed only for strategy 'saliency'; 'random' and 'all' never touch it.
     Also stores the result (a dict) in ``config.selection_result``. The query's cost: its parameters
     are in ``result.mechanism`` (``accounting.selection_stage``), and with a ``ledger``
     (``accounting.SpendingLedger``) the query is recorded there before it runs, so every call is counted.
+    family: the model family (``families.detect_family``); default Stable Diffusion (UNet, DDPM loss).
     """
-    candidates = find_candidates(unet, config.candidate_pool)
+    family = family or StableDiffusionFamily()
+    candidates = family.candidates(unet, config.candidate_pool)
     units = group_units(list(candidates), config.selection_unit)
     k = number_selected(len(units), config.selection_ratio)
     scores, mechanism = {}, None
@@ -175,7 +179,7 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
             ledger.record(SELECTION, config.selection_noise_multiplier, config.selection_sample_rate,
                           config.selection_max_grad_norm)
         noisy = _noisy_average_gradients(unet, noise_scheduler, data, candidates, config, batch_size,
-                                         show_progress)
+                                         show_progress, family)
         noise_std = (config.selection_noise_multiplier * config.selection_max_grad_norm
                      / (config.selection_sample_rate * len(data)))
         scores = unit_scores(noisy, units, config.saliency_score, noise_std)

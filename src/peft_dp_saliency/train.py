@@ -29,21 +29,19 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
 from peft_dp_saliency import accounting, hub
-from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.data import load_sensitive_dataset
-from peft_dp_saliency.diffusion import encode_dataset
+from peft_dp_saliency.families import SUPPORTED_PIPELINES, ModelFamily, detect_family
 from peft_dp_saliency.loda import add_loda_adapters, load_adapter, save_loda
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
-from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
+from peft_dp_saliency.sampling import prompt_grid
 from peft_dp_saliency.select import add_selection_arguments, config_from_args
 from peft_dp_saliency.selection import SelectionResult, load_paid_selection, reselect, select_target_modules
 
@@ -70,6 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--max_train_samples", type=int, default=None,
                    help="Use the first K examples only (N = K in the privacy analysis).")
     g.add_argument("--resolution", type=int, default=None, help="Default: the VAE's sample_size.")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3 / Flux / Sana: text tokens of the T5/Gemma prompt encoder (default: the family's).")
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", default="dp-sapf-model")
     g.add_argument("--checkpoint_dir", default=None,
@@ -190,20 +190,24 @@ def check_args(args) -> None:
         raise SystemExit("invalid arguments: " + "\n  ".join(problems))
 
 
-def check_model_folder(path: str) -> None:
-    """A local --pretrained_model_name_or_path must be a diffusers Stable Diffusion folder."""
+def model_family(path: str, revision: str | None = None) -> ModelFamily:
+    """The model family of --pretrained_model_name_or_path (from its model_index.json), checked before
+    anything is read: a local folder must hold that family's files; an unsupported pipeline exits."""
     folder = Path(path).expanduser()
-    if not folder.exists():
-        if path.startswith((".", "/", "~")) or path.count("/") > 1:
-            raise SystemExit(f"--pretrained_model_name_or_path {path} does not exist (and is not a Hub model id)")
-        return  # a Hub model id: from_pretrained reports what is wrong with it
-    missing = [name for name in ("model_index.json", "unet/config.json", "vae/config.json",
-                                 "text_encoder/config.json", "scheduler/scheduler_config.json")
-               if not (folder / name).is_file()]
-    if missing or not (folder / "tokenizer").is_dir():
+    if not folder.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise SystemExit(f"--pretrained_model_name_or_path {path} does not exist (and is not a Hub model id)")
+    if folder.exists() and not (folder / "model_index.json").is_file():
         raise SystemExit(f"--pretrained_model_name_or_path {path} is not a diffusers Stable Diffusion folder "
-                         f"(missing {', '.join(missing) or 'tokenizer/'}): pass a folder saved with "
-                         "StableDiffusionPipeline.save_pretrained or a Hub model id")
+                         "(missing model_index.json): pass a folder saved with <Pipeline>.save_pretrained "
+                         f"(supported: {', '.join(SUPPORTED_PIPELINES)}) or a Hub model id")
+    with input_errors(f"cannot load the model {path}"):
+        family = detect_family(path, revision=revision)
+    missing = family.missing_files(folder) if folder.exists() else []
+    if missing:
+        raise SystemExit(f"--pretrained_model_name_or_path {path} is not a diffusers {family.pipeline_class_name} "
+                         f"folder (missing {', '.join(missing)}): pass a folder saved with "
+                         f"{family.pipeline_class_name}.save_pretrained or a Hub model id")
+    return family
 
 
 @contextmanager
@@ -389,7 +393,7 @@ def fit(output_dir: str | Path, **flags) -> TrainingResult:
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    check_model_folder(args.pretrained_model_name_or_path)
+    family = model_family(args.pretrained_model_name_or_path, args.revision)
     output_dir = Path(args.output_dir)
     work_dir = Path(args.checkpoint_dir or f"{args.output_dir.rstrip('/')}-work")
     accelerator = make_accelerator(args, work_dir)
@@ -400,7 +404,7 @@ def main(argv=None):
     # SIGTERM (kill, a launcher stopping its workers) unwinds like an error, so temporary files go.
     previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        train(args, accelerator, state, output_dir)
+        train(args, accelerator, state, output_dir, family)
     except BaseException:
         state.discard_if_unspent()  # a failure before any spending leaves no trace
         raise
@@ -412,13 +416,13 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(f"terminated by signal {signum}")
 
 
-def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> None:
+def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, family: ModelFamily) -> None:
     if args.seed is not None:
         set_seed(args.seed)  # data-independent randomness only (LoRA init, random selection)
 
     # Setup: every input error surfaces here, before the ledger records any spending.
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
-        resolution = args.resolution or _vae_resolution(args)
+        resolution = args.resolution or family.default_resolution(args.pretrained_model_name_or_path, args.revision)
     with input_errors("cannot load the sensitive dataset"):
         dataset = load_sensitive_dataset(
             args.train_data_dir or args.dataset_name, resolution=resolution,
@@ -441,28 +445,28 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
-        pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                       variant=args.variant, torch_dtype=weight_dtype,
-                                                       safety_checker=None, requires_safety_checker=False)
-        noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                                        revision=args.revision)
+        pipe = family.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                                    variant=args.variant, torch_dtype=weight_dtype)
+        noise_scheduler = family.noise_scheduler(args.pretrained_model_name_or_path, revision=args.revision)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+    for module in family.frozen_modules(pipe):
         module.requires_grad_(False)
     pipe.to(accelerator.device)  # before adding adapters (opacus#820-style device mismatches)
-    unet = pipe.unet
+    unet = family.denoiser(pipe)  # the UNet, or the transformer of SD3 / Flux / Sana
     with input_errors("--candidate_pool"):
-        find_candidates(unet, args.candidate_pool)
+        family.candidates(unet, args.candidate_pool)
     with state.timed("encode"):
-        data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
-                              show_progress=accelerator.is_local_main_process)
+        sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+        data = family.encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
+                                     show_progress=accelerator.is_local_main_process, resolution=resolution,
+                                     **sequence)
     # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
     # is secret unless --deterministic_noise.
     config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
                               lora_alpha=args.lora_alpha or args.rank, init_lora_weights="gaussian")
     selection = state.selection()
     if selection is None and paid is not None:
-        if {m for members in paid.units.values() for m in members} != set(find_candidates(unet, args.candidate_pool)):
+        if {m for members in paid.units.values() for m in members} != set(family.candidates(unet, args.candidate_pool)):
             raise SystemExit(f"--selection_json {args.selection_json}: its matrices are not this model's "
                              f"{args.candidate_pool} candidates (another base model?)")
         state.record_spending("selection", plan["selection_sigma"], plan["selection_sample_rate"],
@@ -477,7 +481,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
                                   args.selection_max_grad_norm)
         with state.timed("selection"), mixed_precision(accelerator.device, weight_dtype):
             selection = select_target_modules(unet, noise_scheduler, data, config, args.selection_batch_size,
-                                              show_progress=accelerator.is_local_main_process)
+                                              show_progress=accelerator.is_local_main_process, family=family)
         selection = broadcast_object_list([selection])[0]
         state.save_selection(selection)
     config.target_modules = selection.selected
@@ -517,7 +521,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
     device, rank = accelerator.device, accelerator.process_index
     secret_seed = args.seed if args.deterministic_noise else None  # None: os.urandom (the private default)
     dp_step = DPSGDStep(unet, noise_scheduler, data, settings, noise_generator(device, _offset(secret_seed, 0)),
-                        noise_generator(device, _offset(secret_seed, 1 + rank)))
+                        noise_generator(device, _offset(secret_seed, 1 + rank)), family=family)
     sampler = poisson_sampler(len(data), settings.sample_rate, remaining,
                               noise_generator("cpu", _offset(secret_seed, 1000 + rank)))
     if args.report_to:
@@ -558,7 +562,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path) -> 
                              "--resume_from_checkpoint latest --allow_over_budget_release to release it anyway")
         deltas = ({n: unet.get_submodule(n).weight.detach().float() - w.float()
                    for n, w in public_weights.items()} if args.no_lora else None)
-        release(args, output_dir, pipe, config, selection, report, dataset, deltas)
+        release(args, output_dir, pipe, config, selection, report, dataset, deltas, family)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -601,27 +605,30 @@ def build_report(plan: dict, state: RunState, deterministic_noise: bool, class_n
         extra={"planned_dp_sgd_steps": plan["max_train_steps"], "recorded_dp_sgd_steps": recorded})
 
 
-def release(args, output_dir, pipe, config, selection: SelectionResult, report, dataset, deltas) -> None:
+def release(args, output_dir, pipe, config, selection: SelectionResult, report, dataset, deltas,
+            family: ModelFamily) -> None:
     """Write the publishable outputs (all DP or public) all-or-nothing, then push if asked."""
     try:
         with hub.staged_release(output_dir) as staging:
             if args.adapter == "lora":
-                hub.save_adapter(staging, pipe.unet, config, matrix_deltas=deltas,
-                                 base_model=str(args.pretrained_model_name_or_path))
+                hub.save_adapter(staging, family.denoiser(pipe), config, matrix_deltas=deltas,
+                                 base_model=str(args.pretrained_model_name_or_path), family=family)
             else:
-                save_loda(staging, pipe.unet, {"selection_result": selection.to_dict()})
+                save_loda(staging, family.denoiser(pipe), {"selection_result": selection.to_dict()})
             hub.save_selection(staging, selection.to_dict(), config)
             report.save(str(staging / "privacy_report.json"))
             hub.save_json(staging, "class_prompts.json",
                           {"class_names": dataset.class_names, "prompts": dataset.prompts})
             prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
-            use_dpm_solver(pipe)
+            family.use_fast_sampler(pipe)
             with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
-                grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0)
+                grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0,
+                                   height=dataset.resolution, width=dataset.resolution)
             hub.save_image(staging, "samples.png", grid)
             card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
                                   selection.table(), dataset.prompts, args.hub_model_id, args.adapter,
-                                  license=args.license, dataset_id=_hub_dataset_id(args))
+                                  license=args.license, dataset_id=_hub_dataset_id(args),
+                                  pipeline_class=family.pipeline_class_name)
             card.save(str(staging / "README.md"))
     except OSError as error:
         raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "
@@ -639,13 +646,6 @@ def _hub_dataset_id(args) -> str | None:
     if args.dataset_name is None or Path(args.dataset_name).expanduser().exists():
         return None
     return args.dataset_name
-
-
-def _vae_resolution(args) -> int:
-    from diffusers import AutoencoderKL
-
-    config = AutoencoderKL.load_config(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision)
-    return int(config.get("sample_size", 512))
 
 
 if __name__ == "__main__":
