@@ -50,6 +50,8 @@ METHODS = {
     "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
     "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
     "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
+    "DP-SGD on LoDA adapters (selected, 003)": ["--adapter", "loda"],
+    "DP-SGD on LoDA+ adapters (selected, 003)": ["--adapter", "loda_plus"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"

@@ -52,7 +52,8 @@ def test_argument_errors_need_no_data(tmp_path, argv, match):
 @pytest.mark.parametrize("argv, match", [
     (["--target_delta", "0.05"], r"^--target_delta: delta=0.05 >= 1/N = 0.0416667 for N=24"),
     (["--expected_batch_size", "25"], r"^--expected_batch_size 25 exceeds the dataset size 24"),
-    (["--target_epsilon", "0.05"], r"^--target_epsilon: Privacy budget cannot be met"),
+    (["--target_epsilon", "0.05", "--selection_noise_multiplier", "5", "--selection_sample_rate", "1"],
+     r"^--target_epsilon: Privacy budget cannot be met"),
 ])
 def test_errors_that_need_the_dataset_size(tmp_path, argv, match):
     fails_cleanly(tmp_path / "out", *argv, match=match)

@@ -25,21 +25,27 @@ def brute_force(unet, modules, inputs, max_grad_norm, params=("weight",)):
     return dict(zip(names, sums)), torch.stack(norms)
 
 
+def engine_and_brute_force(unet, modules, inputs):
+    """(engine result, brute-force sums, brute-force norms, C) at C = the median norm (some clipped)."""
+    _, ref_norms = brute_force(unet, modules, inputs, 1.0)
+    max_norm = float(ref_norms.median())  # some examples below C, some above
+    ref_sums, _ = brute_force(unet, modules, inputs, max_norm)
+    clipper = PerSampleClipper(modules, max_norm)
+    with clipper.capture():
+        out = clipper.clipped_sums(per_sample_loss(unet, inputs))
+    assert (ref_norms > max_norm).any() and (ref_norms < max_norm).any()
+    torch.testing.assert_close(out.norms, ref_norms, rtol=1e-4, atol=1e-6)
+    assert out.sums.keys() == ref_sums.keys()
+    return out, ref_sums, ref_norms, max_norm
+
+
 @pytest.mark.parametrize("pool", ["attn_qkv", "attn_qkvo", "all_linear"])
 def test_frozen_candidates_match_brute_force(pool):
     unet = tiny_unet().requires_grad_(False)
     modules = find_candidates(unet, pool)
     inputs = fixed_inputs(6)
     with frozen_weights_tracked(unet, modules):
-        _, ref_norms = brute_force(unet, modules, inputs, 1.0)
-        max_norm = float(ref_norms.median())  # some examples below C, some above
-        ref_sums, _ = brute_force(unet, modules, inputs, max_norm)
-        clipper = PerSampleClipper(modules, max_norm)
-        with clipper.capture():
-            out = clipper.clipped_sums(per_sample_loss(unet, inputs))
-    assert (ref_norms > max_norm).any() and (ref_norms < max_norm).any()
-    torch.testing.assert_close(out.norms, ref_norms, rtol=1e-4, atol=1e-6)
-    assert out.sums.keys() == ref_sums.keys()
+        out, ref_sums, _, _ = engine_and_brute_force(unet, modules, inputs)
     for key in ref_sums:
         torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=1e-7)
     assert all(m.weight.grad is None for m in modules.values())
