@@ -154,8 +154,8 @@ def test_disk_full_while_saving_releases_nothing_and_resume_writes_without_spend
     run(out, "--max_train_steps", 1, "--resume_from_checkpoint", "latest")
     assert ledger_steps(out) == spent  # the release after the fix costs nothing
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "class_prompts.json", "privacy_report.json",
-        "pytorch_lora_weights.safetensors", "samples.png", "selection.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "class_prompts.json",
+        "privacy_report.json", "pytorch_lora_weights.safetensors", "samples.png", "selection.json"]
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig
 
-from peft_dp_saliency import dp_sgd, selection
+from peft_dp_saliency import families, selection
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.diffusion import per_sample_diffusion_loss
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
@@ -46,8 +46,7 @@ def fixed_loss(unet, noise_scheduler, latents, states, noise, timesteps):
 
 @contextmanager
 def deterministic_loss():
-    with mock.patch.object(dp_sgd, "per_sample_diffusion_loss", fixed_loss), \
-            mock.patch.object(selection, "per_sample_diffusion_loss", fixed_loss):
+    with mock.patch.object(families.unet, "per_sample_diffusion_loss", fixed_loss):  # SD's loss, both stages
         yield
 
 
@@ -87,7 +86,8 @@ def selection_average(sigma, rank=0, world=1) -> torch.Tensor:
     """The selection query's (noisy) average clipped gradient over all candidate matrices."""
     unet = tiny_unet().requires_grad_(False)
     config = SimpleNamespace(selection_max_grad_norm=CLIP, selection_noise_multiplier=sigma,
-                             selection_seed=0, deterministic_noise=False)
+                             selection_seed=0, deterministic_noise=False, selection_clipping="flat",
+                             selection_noise_multiplicity=1, selection_sample_rate=1.0)
     with deterministic_loss():
         noisy = selection._noisy_average_gradients(unet, tiny_scheduler(), tiny_encoded_data(n=N),
                                                    find_candidates(unet), config, 4, False)

@@ -83,7 +83,7 @@ def test_clipped_sums_match_brute_force(variant):
     for key in ref_sums:
         assert ref_sums[key].abs().sum() > 0, key
         scale = float(ref_sums[key].abs().max())  # fp32 summation order differs
-        torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_identity_f_gives_exactly_the_peft_lora_update():

@@ -249,7 +249,8 @@ def test_a_resume_that_cannot_fit_the_budget_stops_unless_allowed(tmp_path, monk
     from test_resume import Crash, crash_on_call
 
     out = tmp_path / "run"
-    flags = ["--selection_noise_multiplier", 0.8, "--target_epsilon", 4, "--max_train_steps", 2]
+    flags = ["--selection_noise_multiplier", 0.8, "--selection_sample_rate", 1, "--target_epsilon", 4,
+             "--max_train_steps", 2]
     with monkeypatch.context() as patch:
         crash_on_call(patch, training_script(), "select_target_modules", 1)
         with pytest.raises(Crash):

@@ -63,7 +63,7 @@ def test_crashes_are_counted_and_resume_finishes_the_run(tmp_path, monkeypatch):
     # the second query raised sigma for all 4 steps, the lost step 3 raised it again for steps 3-4
     assert plan["noise_multiplier"] < sgd[0]["noise_multiplier"] < sgd[1]["noise_multiplier"]
     assert report.extra == {"planned_dp_sgd_steps": 4, "recorded_dp_sgd_steps": 5}
-    stages = [accounting.selection_stage(sigma_s, 1.0)] * 2 + [
+    stages = [accounting.selection_stage(sigma_s, 1.0, plan["selection_sample_rate"])] * 2 + [
         accounting.dp_sgd_stage(s["noise_multiplier"], plan["sample_rate"], s["steps"], 1.0) for s in sgd]
     assert report.epsilon["pld"] == pytest.approx(accounting.compute_epsilon(stages, report.delta, "pld"))
     assert report.epsilon["pld"] <= report.target_epsilon  # the crashes cost noise, never budget

@@ -9,12 +9,15 @@ from peft_dp_saliency.accounting import compute_epsilon, selection_stage
 def test_select_cli_writes_selection_and_epsilon(tmp_path, capsys):
     out = tmp_path / "selection.json"
     select.main(["--max_train_samples", "16", "--selection_batch_size", "16", "--selection_ratio", "0.2",
-                 "--candidate_pool", "attn_qkvo", "--output_json", str(out), "--seed", "0"])
+                 "--candidate_pool", "attn_qkvo", "--output_json", str(out), "--seed", "0",
+                 "--target_epsilon", "4", "--selection_budget_fraction", "0.25"])
     result = json.loads(out.read_text())
     total = sum(map(len, result["units"].values()))
     assert len(result["selected"]) == round(0.2 * total)
     assert set(result["scores"]) == set(result["units"])
-    assert result["mechanism"]["dataset_size"] == 16 and result["mechanism"]["noise_multiplier"] == 5.0
-    privacy = result["privacy"]
-    assert privacy["epsilon"]["rdp"] == compute_epsilon([selection_stage(5.0, 1.0)], privacy["delta"], "rdp")
+    mechanism, privacy = result["mechanism"], result["privacy"]
+    assert mechanism["dataset_size"] == 16 and mechanism["sample_rate"] == 0.1  # the default subsampled query
+    stage = selection_stage(mechanism["noise_multiplier"], 1.0, 0.1)
+    assert privacy["epsilon"]["rdp"] == compute_epsilon([stage], privacy["delta"], "rdp")
+    assert 0.9 <= max(privacy["epsilon"].values()) <= 1.0  # calibrated to 25% of epsilon 4 under both
     assert "| block |" in capsys.readouterr().out

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
@@ -333,6 +334,10 @@ def make_accelerator(args, work_dir: Path) -> Accelerator:
     as the main one; we pass cpu=True there and check that accelerate sees all processes.
     """
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # A second run in the same Python process (fit() twice in a notebook, with another --mixed_precision)
+    # would otherwise hit accelerate's "AcceleratorState has already been initialized"; the process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision, log_with=args.report_to,
                               project_dir=str(work_dir))
     if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
