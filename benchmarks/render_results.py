@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, SCALE, SEEDS
+from quality import EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, RUNS, SCALE, SEEDS, slug
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -99,6 +99,26 @@ def compute_table(runs: list[dict], epsilon: str) -> str:
     return "\n".join(rows)
 
 
+def side_by_side_samples(runs: list[dict], epsilon: str) -> str:
+    """docs/results/samples_eps<epsilon>.png: each seed-0 run's samples.png side by side (left to right in
+    the order of the table); returns the Markdown that shows it (empty if no run has samples)."""
+    from PIL import Image, ImageDraw
+
+    grids = [(r["method"], RUNS / slug(r["method"], epsilon, "0") / "samples.png") for r in runs
+             if r["epsilon"] == epsilon and r.get("seed", "0") == "0"]
+    grids = [(method, Image.open(path).convert("RGB")) for method, path in grids if path.exists()]
+    if not grids:
+        return ""
+    width, height = max(g.width for _, g in grids), max(g.height for _, g in grids)
+    sheet = Image.new("RGB", (len(grids) * (width + 8), height + 24), "white")
+    for index, (method, grid) in enumerate(grids):
+        sheet.paste(grid, (index * (width + 8), 24))
+        ImageDraw.Draw(sheet).text((index * (width + 8) + 2, 4), method[:40], fill="black")
+    name = f"samples_eps{epsilon}.png"
+    sheet.save(RESULTS / name)
+    return f"![samples at epsilon {epsilon}, one grid per method (rows = classes)](results/{name})"
+
+
 def main():
     runs = load_runs()
     table = summary(runs)
@@ -110,7 +130,7 @@ def main():
     text = f"""# Results on the embedded default (tiny public model, Fashion-MNIST)
 
 Produced by `python benchmarks/quality.py --jobs 2 && python benchmarks/render_results.py`; each run's numbers
-are in `docs/results/<method>_eps<epsilon>.json` and the table below is rendered from `docs/results/summary.json`.
+are in `docs/results/<method>_eps<epsilon>_seed<k>.json` and the table below is rendered from `docs/results/summary.json`.
 
 **Scale (2 CPU cores, all methods identical, nothing tuned on the test split):** {json.dumps(SCALE)}.
 delta = 1/(N ln N); calibration with the PLD accountant; automatic clipping (C = 1) for both stages; the selection
@@ -125,6 +145,10 @@ the synthetic images (epoch picked on a held-out synthetic split).
 ## FID (lower is better) / downstream accuracy (higher is better)
 
 {main_table(table)}
+
+## Samples at epsilon = 10 (seed 0; each grid: one row per class, from the run's samples.png)
+
+{side_by_side_samples(runs, "10")}
 
 ## Selected matrices per block at epsilon = 10 (paper's Table 7)
 

@@ -7,7 +7,6 @@ import stat
 
 import datasets
 import dp_accounting
-import numpy as np
 import pytest
 import torch
 from accelerate.tracking import GeneralTracker
