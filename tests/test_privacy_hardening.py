@@ -210,6 +210,7 @@ def test_trackers_get_no_token_no_local_path_and_no_unnoised_loss(tmp_path, monk
     config = json.dumps(seen["config"])
     assert "hf_SECRET" not in config and str(tmp_path) not in config
     assert "learning_rate" in seen["config"]
+    assert not set(seen["config"]) & training_script().TRACKER_EXCLUDED_FLAGS
     assert len(seen["metrics"]) == 2 and not any("loss" in key for m in seen["metrics"] for key in m)
     lines = (work_dir(tmp_path / "a") / "train_loss.csv").read_text().splitlines()
     assert lines[0].startswith("step,train_loss_not_private") and len(lines) == 3  # local file only
