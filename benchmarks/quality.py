@@ -39,7 +39,8 @@ SCALE = {
     "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
 }
 SEEDS = ("0", "1", "2")
-EPSILONS = ("1", "10")
+EPSILONS = ("10", "1")
+CURVE_EPSILONS = ("2", "5")  # one seed of the two main methods, for the accuracy-vs-epsilon plot
 METHODS = {
     "DP-SAPF (ratio 0.3)": [],
     "DP-LoRA (q/k/v)": ["--selection_strategy", "all"],
@@ -58,7 +59,7 @@ PUBLIC = "Public model (no fine-tuning)"
 
 
 def slug(method: str, epsilon: str, seed: str) -> str:
-    keep = "".join(c if c.isalnum() else "-" for c in method.lower())
+    keep = "".join(c if c.isalnum() else "-" for c in method.lower().replace("+", "-plus"))
     return f"{'-'.join(filter(None, keep.split('-')))}_eps{epsilon}_seed{seed}"
 
 
@@ -137,12 +138,14 @@ def main():
     p.add_argument("--seeds", nargs="+", default=list(SEEDS), help="Seeds of the seeded main comparison.")
     args = p.parse_args()
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
-    # at epsilon 10 over the seeds, the two references, then epsilon 1, then one seed of every variant.
+    # at epsilon 10 over the seeds, the two references, then epsilon 1, then epsilon 2 and 5 (one seed, for
+    # the accuracy-vs-epsilon curve), then one seed of every variant (epsilon 10 first).
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
-    plan += [(m, e, flags, "0") for m, flags in METHODS.items() for e in EPSILONS if m not in main_methods]
+    plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
+    plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items() if m not in main_methods]
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}
