@@ -8,6 +8,8 @@ Reports the Frechet distance and k-NN precision/recall against the real test spl
 space (InceptionV3 pool3 when available locally, else the offline random-cnn-v1, named in
 `fid_features`), and the DPImageBench downstream accuracy: a classifier trained on the synthetic
 set, its epoch selected on held-out synthetic images, tested on the real test split.
+A DPImageBench gen.npz (`synthesize.py --output_format npz`, or any DPImageBench method's) is read
+as the synthetic set, so the numbers compare with DPImageBench's own evaluator.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic_dir", type=Path, required=True,
-                   help="examples/synthesize.py output, an imagefolder (root/<class>/...) or a "
-                        "saved dataset.")
+                   help="examples/synthesize.py output, an imagefolder (root/<class>/...), a "
+                        "saved dataset, or a DPImageBench gen.npz (its labels are the real set's).")
     p.add_argument("--real", default="fashion-mnist",
                    help="Real data source, as for training: fashion-mnist, a folder or a Hub name.")
     p.add_argument("--real_split", default="test")
@@ -57,7 +59,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     real = load_real(args.real, split=args.real_split, resolution=args.resolution)
-    synthetic = load_synthetic(args.synthetic_dir, resolution=args.resolution)
+    synthetic = load_synthetic(args.synthetic_dir, resolution=args.resolution, class_names=real.class_names)
     network = load_feature_network(args.feature_network, args.inception_weights)
     logger.info("%d real %s images, %d synthetic images, features %s", len(real), args.real_split,
                 len(synthetic), network.name)

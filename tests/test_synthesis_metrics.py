@@ -17,7 +17,7 @@ from peft_dp_saliency.metrics import (LabelledImages, RandomCNNFeatures, align_c
                                       extract_features, find_inception_weights, frechet_distance,
                                       load_feature_network, load_synthetic, precision_recall)
 from peft_dp_saliency.metrics.image_sets import from_dataset
-from peft_dp_saliency.public_model import load_public_pipeline
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, load_public_pipeline
 from peft_dp_saliency.sampling import use_dpm_solver
 
 datasets.disable_progress_bars()
@@ -151,7 +151,7 @@ def test_synthesize_script_with_adapter(baseline, tmp_path):
     _script("synthesize").main([
         "--lora_dir", str(lora_dir), "--output_dir", str(output_dir), "--images_per_class", "3",
         "--batch_size", "2", "--num_inference_steps", "2", "--seed", "7", "--save_dataset",
-        "--device", "cpu"])
+        "--device", "cpu", "--pretrained_model_name_or_path", str(EMBEDDED_MODEL_PATH)])  # it has no card
 
     paths = {name: [synthesis.image_path(output_dir, synthesis.class_folder_name(name), i) for i in range(3)]
              for name in CLASSES}

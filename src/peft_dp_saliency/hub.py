@@ -8,7 +8,9 @@ anything else computed on sensitive data without noise stay in the run's checkpo
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 from .accounting import PrivacyReport, write_json_atomic
 from .config import SELECTION_FILE, SaliencyLoraConfig
 from .families import StableDiffusionFamily
+from .public_model import EMBEDDED_MODEL_PATH
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' load_lora_weights
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's PeftModel.from_pretrained
@@ -31,6 +34,8 @@ PUBLISHABLE_FILES = {LORA_WEIGHTS, PEFT_WEIGHTS, "adapter_config.json", "selecti
                      "class_prompts.json", "samples.png", "README.md",
                      "loda_adapter.safetensors", "loda_config.json"}  # LoDA releases (--adapter loda*)
 STAGING_DIR = ".release-staging"
+LOCAL_BASE = "a local model ({})"  # how the card names a local base (never its path)
+EMBEDDED_BASE_NAME = "peft-dp-saliency embedded public model"
 
 
 def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -51,6 +56,42 @@ def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, tor
 def hub_model_id(base_model: str) -> str | None:
     """`base_model` if it names a Hub repository, None for a local folder (never released as a path)."""
     return None if Path(base_model).expanduser().exists() else base_model
+
+
+def local_base_name(base_model: str) -> str:
+    """The name the card gives a local base: the embedded model's own name, else the folder's name."""
+    folder = Path(base_model).expanduser().resolve()
+    return EMBEDDED_BASE_NAME if folder == EMBEDDED_MODEL_PATH.resolve() else folder.name
+
+
+def release_base_model(release_dir: str | Path) -> str:
+    """The base model a release was trained on, read from its own metadata: adapter_config.json's
+    base_model_name_or_path, else the card's ``base_model`` (both Hub ids), else the local base the card
+    names in its text (the embedded public model resolves to its folder; older releases call it "weights").
+
+    Raises ValueError naming the fix when no base is recorded or a named local base is not on this machine.
+    """
+    release_dir = Path(release_dir)
+    config, card = release_dir / "adapter_config.json", release_dir / "README.md"
+    recorded = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+    text = card.read_text() if card.is_file() else ""
+    if recorded is None and text:
+        recorded = ModelCard(text).data.base_model
+        recorded = recorded[0] if isinstance(recorded, list) else recorded
+    if recorded is not None:
+        if Path(recorded).is_absolute() and not Path(recorded).exists():
+            raise ValueError(f"{release_dir} was trained on {recorded}, which is not on this machine: pass "
+                             "--pretrained_model_name_or_path with that model's folder or Hub id")
+        return recorded
+    local = re.search(re.escape(LOCAL_BASE).replace(re.escape("{}"), "(.+?)") + r"$", text, re.MULTILINE)
+    if local and local.group(1) in (EMBEDDED_BASE_NAME, EMBEDDED_MODEL_PATH.name):
+        return str(EMBEDDED_MODEL_PATH)
+    if local:
+        raise ValueError(f"{release_dir} was trained on {LOCAL_BASE.format(local.group(1))}, a folder of the "
+                         "training machine that a release never records as a path: pass "
+                         "--pretrained_model_name_or_path with that folder (or the Hub id of the same model)")
+    raise ValueError(f"{release_dir} records no base model (no base_model_name_or_path in adapter_config.json, "
+                     "no model card naming one): pass --pretrained_model_name_or_path")
 
 
 def save_adapter(output_dir: Path, unet, config: SaliencyLoraConfig,
@@ -168,7 +209,7 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
     weights inherits their terms), "other" when unknown. dataset_id: a Hub dataset name, if the data is one.
     """
     license = license or base_model_license(base_model)
-    base_name = hub_model_id(base_model) or f"a local model ({Path(base_model).name})"
+    base_name = hub_model_id(base_model) or LOCAL_BASE.format(local_base_name(base_model))
     load_base = hub_model_id(base_model) or "path/to/the/base/model"
     others = ", ".join(f"{name.upper()} gives epsilon {value:.3g}" for name, value in report.epsilon.items()
                        if name != report.accountant)

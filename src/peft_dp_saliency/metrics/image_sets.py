@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..data import load_sensitive_dataset
+from ..dpimagebench import gen_npz_images
 from ..synthesis import CLASS_PROMPTS_FILE, IMAGES_SUBDIR, class_folder_name
 
 
@@ -44,13 +46,20 @@ def load_real(source: str | None, split: str = "test", resolution: int = 32) -> 
     return from_dataset(load_sensitive_dataset(source, split=split, resolution=resolution))
 
 
-def load_synthetic(path: str | Path, resolution: int = 32) -> LabelledImages:
-    """A synthetic set: an `examples/synthesize.py` output folder, an imagefolder or a saved dataset.
+def load_synthetic(path: str | Path, resolution: int = 32, class_names: list[str] | None = None) -> LabelledImages:
+    """A synthetic set: an `examples/synthesize.py` output folder, an imagefolder, a saved dataset or a
+    DPImageBench gen.npz.
 
     In a synthesis output folder, class folders are mapped back to the class names of its
-    class_prompts.json (folder names are file-system safe versions of them).
+    class_prompts.json (folder names are file-system safe versions of them). A gen.npz stores label
+    indices only: class_names names labels 0..K-1 (DPImageBench's labels are the dataset's own, so
+    pass the real set's class names).
     """
     path = Path(path)
+    if path.suffix == ".npz":
+        if class_names is None:
+            raise ValueError(f"{path}: a gen.npz holds no class names; pass the names of its labels 0..K-1")
+        return _from_gen_npz(path, resolution, list(class_names))
     synthesis_output = (path / CLASS_PROMPTS_FILE).is_file() and (path / IMAGES_SUBDIR).is_dir()
     dataset = load_sensitive_dataset(str(path / IMAGES_SUBDIR if synthesis_output else path),
                                      split="train", resolution=resolution)
@@ -60,6 +69,14 @@ def load_synthetic(path: str | Path, resolution: int = 32) -> LabelledImages:
         by_folder = {class_folder_name(name): name for name in names}
         images.class_names = [by_folder.get(folder, folder) for folder in images.class_names]
     return images
+
+
+def _from_gen_npz(path: Path, resolution: int, class_names: list[str]) -> LabelledImages:
+    images, labels = gen_npz_images(path, resolution)
+    if len(labels) and labels.max() >= len(class_names):
+        raise ValueError(f"{path}: label {labels.max()} has no name among the {len(class_names)} classes")
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2)
+    return LabelledImages(pixels.contiguous(), torch.from_numpy(labels), class_names)
 
 
 def align_classes(synthetic: LabelledImages, real: LabelledImages) -> LabelledImages:
