@@ -18,7 +18,8 @@ POOLS = {
     "attn_qkvo": ("to_q", "to_k", "to_v", "to_out.0"),
     "all_linear": None,  # every nn.Linear of the model: the paper's "All Param." variant
 }
-UNITS = ("matrix", "layer")
+SPARSE_UNITS = ("entry", "row")  # private sparse selection: a mask inside each matrix (sparse.py)
+UNITS = ("matrix", "layer", *SPARSE_UNITS)
 
 
 def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Linear]:
@@ -55,8 +56,11 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
 
 
 def unit_of(name: str, unit: str) -> str:
-    """The selection unit a matrix belongs to: itself, or its attention layer (its parent module)."""
-    if unit == "matrix":
+    """The selection unit a matrix belongs to: itself, or its attention layer (its parent module).
+
+    For the sparse units (entry, row) the matrix is the container: the mask inside it is sparse.py's.
+    """
+    if unit == "matrix" or unit in SPARSE_UNITS:
         return name
     if unit == "layer":
         # joint-attention (MMDiT) context projections belong to their attention layer too

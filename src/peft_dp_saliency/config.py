@@ -30,7 +30,9 @@ class SaliencyLoraConfig(LoraConfig):
         "help": f"Which matrices may be adapted: one of {sorted(POOLS)}. 'attn_qkv' = q/k/v of every "
                 "self- and cross-attention, 'attn_qkvo' adds the output projection, 'all_linear' = every Linear."})
     selection_unit: str = field(default="matrix", metadata={
-        "help": "Granularity of selection: 'matrix' (each weight matrix) or 'layer' (an attention layer's matrices together)."})
+        "help": "Granularity of selection: 'matrix' (each weight matrix), 'layer' (an attention layer's matrices "
+                "together), or private sparse selection: 'entry' (each weight entry) / 'row' (each row of a matrix), "
+                "whose top fraction becomes a mask; DP-SGD then trains only the masked entries (no LoRA)."})
     selection_ratio: float = field(default=0.3, metadata={
         "help": "Fraction of units (in (0, 1]) that get adapters: the top-ratio by noisy saliency score."})
     selection_strategy: str = field(default="saliency", metadata={

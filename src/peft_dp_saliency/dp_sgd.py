@@ -1,4 +1,5 @@
-"""DP-SGD for the trainable matrices (LoRA adapters, or selected weights with --no_lora).
+"""DP-SGD for the trainable matrices (LoRA adapters, selected weights with --no_lora, or the masked
+entries of selected weights with --selection_unit entry/row).
 
 One logical step: Poisson-sample each example with probability q (``PoissonSampler``; an empty
 batch is a valid step), run it in micro-batches, clip each example's joint gradient over ALL
@@ -24,6 +25,7 @@ from .diffusion import EncodedDataset
 from .families import StableDiffusionFamily
 from .noise import sum_and_add_noise_once
 from .per_sample import PerSampleClipper
+from .sparse import masks_of
 
 
 def trainable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -128,7 +130,8 @@ class DPSGDStep:
         self.modules = trainable_linears(unet)
         self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
         clipping = settings.clipping if math.isfinite(settings.max_grad_norm) else "flat"  # inf: no clipping
-        self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm, clipping)
+        # sparse.MaskedLinear: only the masked entries are clipped, noised and stepped (their `delta`)
+        self.clipper = PerSampleClipper(self.modules, settings.max_grad_norm, clipping, masks=masks_of(self.modules))
         self.noise_gen, self.diffusion_gen = noise_gen, diffusion_gen
         self.family = family or StableDiffusionFamily()  # the loss and its randomness (families.*)
         self.nonfinite_examples = 0

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .accounting import PrivacyReport, write_json_atomic
+from .candidates import SPARSE_UNITS
 from .config import SELECTION_FILE, SaliencyLoraConfig
 from .families import StableDiffusionFamily
 from .public_model import EMBEDDED_MODEL_PATH
@@ -199,6 +200,27 @@ def card_metadata(base_model: str, class_prompts: list[str], license: str | None
         widget=[{"text": class_prompts[0], "output": {"url": "samples.png"}}], inference=False)
 
 
+def method_text(config: SaliencyLoraConfig) -> str:
+    """The card's first paragraph: what was trained and how it was chosen."""
+    if config.selection_unit not in SPARSE_UNITS:
+        return ("LoRA adapters trained with differential privacy (DP-SAPF: saliency-aware selection of the adapted\n"
+                "matrices, then DP-SGD) on a sensitive dataset.")
+    return (f"A sparse weight update trained with differential privacy (private sparse selection: the noisy gradient\n"
+            f"query picks the top {config.selection_ratio:g} of the candidate matrices' {config.selection_unit}s, "
+            "then DP-SGD trains\nonly those entries of the frozen weights) on a sensitive dataset. It is stored "
+            "as an exact full-rank\nLoRA (A = identity, B = the update, zero outside the mask), so "
+            "`load_lora_weights` applies it;\nthe mask is in `selection.json`.")
+
+
+def update_text(config: SaliencyLoraConfig) -> str:
+    """The card's line on the trained parameters: LoRA rank, or the sparse mask's size."""
+    if config.selection_unit not in SPARSE_UNITS:
+        return f"LoRA rank {config.r}, alpha {config.lora_alpha}."
+    mask = config.selection_result["mask"]
+    return (f"Trained entries: {mask['trainable_parameters']:,} of the pool's {mask['pool_parameters']:,} "
+            f"(per matrix in parentheses above).")
+
+
 def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
                repo_id: str | None, adapter: str = "lora", license: str | None = None,
@@ -230,8 +252,7 @@ def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
 ---
 # DP-SAPF adapter for {base_name}
 
-LoRA adapters trained with differential privacy (DP-SAPF: saliency-aware selection of the adapted
-matrices, then DP-SGD) on a sensitive dataset.
+{method_text(config)}
 
 ## Privacy guarantee
 Guarantee: {guarantee}, under {report.adjacency_definition}.
@@ -254,7 +275,7 @@ not derived from the examples).
 ## Selected matrices ({config.selection_strategy}, pool {config.candidate_pool}, unit {config.selection_unit}, ratio {config.selection_ratio})
 {selection_table}
 
-LoRA rank {config.r}, alpha {config.lora_alpha}.
+{update_text(config)}
 
 ## How to load
 ```python

@@ -10,6 +10,13 @@ whichever is cheaper for that layer (ghost when 2 T^2 <= d_in d_out). The clippe
 sum_i c_i G_i, with a factor c_i from the joint norm ||grad_i|| over ALL modules, is one einsum
 with the reweighted output gradients: no second backward pass and no per-example loop.
 
+Masked modules (private sparse selection, ``sparse.MaskedLinear``): only the masked entries of
+the weight gradient are the mechanism's coordinates. Their per-sample gradient is G_i restricted
+to the mask, and ONLY those entries enter the joint norm (entries outside the mask are never
+released, so counting them would keep the sensitivity right but clip harder than needed): each
+example's contribution over the released coordinates has norm <= C. A mask made of whole rows
+is applied to g_i (ghost norms stay exact); any other mask needs G_i materialised.
+
 Clipping regimes (``CLIPPING``), both of sensitivity C (every c_i ||grad_i|| <= C):
 - "flat": c_i = min(1, C / ||grad_i||), Abadi et al. 2016;
 - "automatic": c_i = C / (||grad_i|| + gamma), i.e. per-example normalisation (Bu et al., "Automatic
@@ -46,6 +53,7 @@ class ClippedSums:
 
 
 CLIPPING = ("flat", "automatic")
+MASKED_PARAMETER = "delta"  # a masked module's sum is '<module>.delta' (k,), sparse.MaskedLinear's parameter
 AUTOMATIC_CLIPPING_GAMMA = 0.01
 
 
@@ -60,10 +68,12 @@ class PerSampleClipper:
     modules: full name -> nn.Linear. The weight of every module is part of the mechanism; the bias
     is too when it requires grad. The modules' outputs must require grad during the forward
     (true for trainable modules; use :func:`frozen_weights_tracked` for frozen ones).
+    masks: module name -> bool (d_out, d_in): that module's coordinates are only the masked weight
+    entries (no bias); its sum comes back as '<module>.delta', shape (k,), in ``weight[mask]`` order.
     """
 
     def __init__(self, modules: dict[str, nn.Linear], max_grad_norm: float, clipping: str = "flat",
-                 gamma: float = AUTOMATIC_CLIPPING_GAMMA):
+                 gamma: float = AUTOMATIC_CLIPPING_GAMMA, masks: dict[str, torch.Tensor] | None = None):
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if clipping not in CLIPPING or not gamma > 0:
@@ -72,6 +82,16 @@ class PerSampleClipper:
             if not isinstance(module, nn.Linear):
                 raise TypeError(f"{name} is a {type(module).__name__}; per-sample gradients are "
                                 "implemented for nn.Linear only")
+        self.masks = masks or {}
+        for name, mask in self.masks.items():
+            module = modules[name]
+            if mask.dtype != torch.bool or mask.shape != module.weight.shape:
+                raise ValueError(f"the mask of {name} must be bool of shape {tuple(module.weight.shape)}")
+            if module.bias is not None and module.bias.requires_grad:
+                raise ValueError(f"{name}: a masked module's bias must be frozen (the mask covers the weight)")
+        # whole-row masks: (d_out,) rows to apply to the output gradient, else None (materialise)
+        self._rows = {name: mask[:, 0] if bool((mask.all(1) | ~mask.any(1)).all()) else None
+                      for name, mask in self.masks.items()}
         self.modules = modules
         self.max_grad_norm, self.clipping, self.gamma = max_grad_norm, clipping, gamma
         self._records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -117,7 +137,8 @@ class PerSampleClipper:
             x = x.reshape(batch, -1, x.shape[-1]).float()
             g = grad_out.reshape(batch, -1, grad_out.shape[-1]).float()
             pieces[name] = layer = _LayerGrad(x, g, self.modules[name].bias is not None
-                                              and self.modules[name].bias.requires_grad)
+                                              and self.modules[name].bias.requires_grad,
+                                              self.masks.get(name), self._rows.get(name))
             sq_norms += layer.sq_norms()
         self._records.clear()
         norms = sq_norms.sqrt()
@@ -136,12 +157,19 @@ class PerSampleClipper:
 
 
 class _LayerGrad:
-    """Per-sample gradient pieces of one Linear: x (B, T, d_in), g (B, T, d_out)."""
+    """Per-sample gradient pieces of one Linear: x (B, T, d_in), g (B, T, d_out); with a mask
+    (d_out, d_in) only the masked entries (rows: (d_out,) when the mask is whole rows)."""
 
-    def __init__(self, x: torch.Tensor, g: torch.Tensor, with_bias: bool):
-        self.x, self.g, self.with_bias = x, g, with_bias
+    def __init__(self, x: torch.Tensor, g: torch.Tensor, with_bias: bool, mask: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None):
+        if rows is not None:  # masking g's output dims masks whole rows of G = g^T x
+            g = g * rows.to(g.dtype)
+        self.x, self.g, self.with_bias, self.mask = x, g, with_bias, mask
         tokens, d_in, d_out = x.shape[1], x.shape[2], g.shape[2]
-        self.materialised = None if use_ghost_norm(tokens, d_in, d_out) else torch.einsum("bto,bti->boi", g, x)
+        ghost = use_ghost_norm(tokens, d_in, d_out) and (mask is None or rows is not None)
+        self.materialised = None if ghost else torch.einsum("bto,bti->boi", g, x)
+        if mask is not None and rows is None:
+            self.materialised = self.materialised * mask
 
     def sq_norms(self) -> torch.Tensor:
         if self.materialised is not None:
@@ -160,6 +188,8 @@ class _LayerGrad:
             weight = torch.einsum("b,boi->oi", factors, torch.where(keep3, self.materialised, 0.0))
         else:
             weight = torch.einsum("bto,bti->oi", g * factors[:, None, None], torch.where(keep3, self.x, 0.0))
+        if self.mask is not None:
+            return {MASKED_PARAMETER: weight[self.mask]}
         out = {"weight": weight}
         if self.with_bias:
             out["bias"] = torch.einsum("b,bo->o", factors, g.sum(1))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import accounting
+from .candidates import UNITS
 from .config import SaliencyLoraConfig
 from .public_model import EMBEDDED_MODEL_PATH
 
@@ -24,7 +25,8 @@ def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("saliency selection (SaliencyLoraConfig fields)")
     g.add_argument("--selection_strategy", default="saliency", choices=["saliency", "random", "all"])
     g.add_argument("--candidate_pool", default="attn_qkv", choices=["attn_qkv", "attn_qkvo", "all_linear"])
-    g.add_argument("--selection_unit", default="matrix", choices=["matrix", "layer"])
+    g.add_argument("--selection_unit", default="matrix", choices=list(UNITS),
+                   help=SaliencyLoraConfig.__dataclass_fields__["selection_unit"].metadata["help"])
     g.add_argument("--selection_ratio", type=float, default=0.3)
     g.add_argument("--saliency_score", default="norm", choices=["norm", "debiased"])
     g.add_argument("--selection_noise_multiplier", type=float, default=None,

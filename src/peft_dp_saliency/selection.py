@@ -20,13 +20,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .accounting import SELECTION
-from .candidates import block_label, block_order, group_units, matrix_label
+from .candidates import SPARSE_UNITS, block_label, block_order, group_units, matrix_label
 from .config import SaliencyLoraConfig
 from .diffusion import EncodedDataset
 from .families import StableDiffusionFamily
 from .dp_sgd import PoissonSampler
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
+from .sparse import coordinate_scores, decode_masks, encode_masks, random_scores, top_masks
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,11 @@ class SelectionResult:
     """What the selection released (all DP outputs or data-independent).
 
     selected: chosen matrix names in model order; units: unit -> member matrices;
-    scores: unit -> noisy score (empty unless strategy 'saliency');
-    mechanism: the query's parameters for the accountant (None when no data was touched).
+    scores: unit -> noisy score (empty unless strategy 'saliency'; empty for the sparse units, whose
+    per-entry scores are not kept); mechanism: the query's parameters for the accountant (None when no
+    data was touched); mask: sparse units (entry, row) only, the mask inside each candidate matrix
+    (``sparse.encode_masks``: packed bits, trainable_parameters, pool_parameters), a post-processing of
+    the query; selected then lists the matrices with at least one masked entry.
     """
 
     strategy: str
@@ -49,9 +53,16 @@ class SelectionResult:
     units: dict[str, list[str]]
     scores: dict[str, float] = field(default_factory=dict)
     mechanism: dict | None = None
+    mask: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Sparse units: selected matrix -> bool mask (d_out, d_in) of its trained entries (CPU)."""
+        if self.mask is None:
+            raise ValueError(f"a selection of unit {self.unit!r} has no mask (only {SPARSE_UNITS} have one)")
+        return decode_masks(self.mask, self.selected)
 
     def table(self) -> str:
         """Markdown table of selected matrices per block (the paper's Table 7 layout)."""
@@ -59,7 +70,11 @@ class SelectionResult:
         for name in self.units_flat():
             blocks.setdefault(block_label(name), [])
         for name in self.selected:
-            blocks[block_label(name)].append(matrix_label(name))
+            label = matrix_label(name)
+            if self.mask is not None:  # the fraction of the matrix's entries that is trained
+                counts = self.mask["matrices"][name]
+                label += f" ({counts['coordinates'] / (counts['shape'][0] * counts['shape'][1]):.0%})"
+            blocks[block_label(name)].append(label)
         rows = [f"| {block} | {', '.join(blocks[block]) or '-'} |" for block in sorted(blocks, key=block_order)]
         header = f"| block | selected ({len(self.selected)}/{len(self.units_flat())} matrices, {self.strategy}) |"
         return "\n".join([header, "|---|---|", *rows])
@@ -76,6 +91,9 @@ def load_paid_selection(path: str | Path) -> SelectionResult:
     data = json.loads(Path(path).read_text())
     known = {f.name for f in fields(SelectionResult)}
     result = SelectionResult(**{k: v for k, v in data.items() if k in known})
+    if result.unit in SPARSE_UNITS:
+        raise ValueError(f"{path} is a sparse selection (unit {result.unit!r}): its per-entry noisy scores are "
+                         "not stored, so it cannot be re-ranked; rerun the query")
     if result.strategy != "saliency" or result.mechanism is None or not result.scores:
         raise ValueError(f"{path} holds no paid saliency query (strategy {result.strategy!r}, no mechanism or "
                          "scores): pass the output of `python -m peft_dp_saliency.select` or a DP-SAPF release")
@@ -165,13 +183,17 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
     candidates = family.candidates(unet, config.candidate_pool)
     units = group_units(list(candidates), config.selection_unit)
     k = number_selected(len(units), config.selection_ratio)
-    scores, mechanism = {}, None
+    shapes = {name: module.weight.shape for name, module in candidates.items()}
+    sparse = config.selection_unit in SPARSE_UNITS
+    scores, mechanism, sparse_scores = {}, None, None
     if config.selection_strategy == "all":
         chosen_units = list(units)
+        sparse_scores = random_scores(shapes, config.selection_unit, 0) if sparse else None  # every unit is kept
     elif config.selection_strategy == "random":
         seed = config.selection_seed if config.selection_seed is not None else torch.seed()
         order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
         chosen_units = [list(units)[i] for i in sorted(order[:k])]
+        sparse_scores = random_scores(shapes, config.selection_unit, seed) if sparse else None
     else:
         if data is None or len(data) == 0:
             raise ValueError("the saliency strategy needs the sensitive dataset (got none or an empty one)")
@@ -182,17 +204,29 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
                                          show_progress, family)
         noise_std = (config.selection_noise_multiplier * config.selection_max_grad_norm
                      / (config.selection_sample_rate * len(data)))
-        scores = unit_scores(noisy, units, config.saliency_score, noise_std)
-        top = sorted(scores, key=scores.get, reverse=True)[:k]
-        chosen_units = [u for u in units if u in set(top)]
+        if sparse:  # the same noisy gradients, scored per entry / row (post-processing)
+            sparse_scores = coordinate_scores(noisy, config.selection_unit, config.saliency_score, noise_std)
+        else:
+            scores = unit_scores(noisy, units, config.saliency_score, noise_std)
+            top = sorted(scores, key=scores.get, reverse=True)[:k]
+            chosen_units = [u for u in units if u in set(top)]
         mechanism = {"name": "selection", "noise_multiplier": config.selection_noise_multiplier,
                      "sample_rate": config.selection_sample_rate, "steps": 1, "max_grad_norm": config.selection_max_grad_norm,
                      "dataset_size": len(data)}
+    mask = None
+    if sparse:
+        # Exactly round(ratio * U) entries / rows of the pool (U from the public model's shapes): how many
+        # are trained never depends on the data, only which, and that is post-processing of the query.
+        pool_units = sum(shape.numel() if config.selection_unit == "entry" else shape[0] for shape in shapes.values())
+        k_sparse = pool_units if config.selection_strategy == "all" else number_selected(pool_units, config.selection_ratio)
+        masks = top_masks(sparse_scores, k_sparse, shapes)
+        chosen_units = [u for u in units if masks[u].any()]
+        mask = encode_masks(masks, config.selection_unit)
     selected = [m for u in chosen_units for m in units[u]]
     result = SelectionResult(strategy=config.selection_strategy, pool=config.candidate_pool,
                              unit=config.selection_unit, ratio=config.selection_ratio,
                              score=config.saliency_score, selected=selected, units=units,
-                             scores=scores, mechanism=mechanism)
+                             scores=scores, mechanism=mechanism, mask=mask)
     config.target_modules = selected
     config.selection_result = result.to_dict()
     return result

@@ -11,6 +11,7 @@ matrices trained with DP-SGD (Poisson sampling, per-sample clipping, noise once 
 
 Baselines by flags: --selection_strategy all (DP-LoRA), random, --selection_unit layer,
 --candidate_pool attn_qkvo, --no_lora (DP-SGD on the selected matrices), --target_epsilon inf.
+Private sparse selection: --selection_unit entry / row (DP-SGD on the masked entries only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
 from peft_dp_saliency import accounting, hub
+from peft_dp_saliency.candidates import SPARSE_UNITS
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.families import SUPPORTED_PIPELINES, ModelFamily, detect_family
 from peft_dp_saliency.loda import add_loda_adapters, load_adapter, save_loda
@@ -45,6 +47,7 @@ from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid
 from peft_dp_saliency.select import add_selection_arguments, config_from_args
 from peft_dp_saliency.selection import SelectionResult, load_paid_selection, reselect, select_target_modules
+from peft_dp_saliency.sparse import add_masked_deltas, masked_updates
 
 logger = logging.getLogger("train_dp_sapf")
 
@@ -175,6 +178,9 @@ def check_args(args) -> None:
         problems.append(f"--max_train_samples must be >= 2, got {args.max_train_samples}")
     if args.no_lora and args.adapter != "lora":
         problems.append("--no_lora trains the selected matrices themselves: it takes no --adapter")
+    if args.selection_unit in SPARSE_UNITS and args.adapter != "lora":
+        problems.append(f"--selection_unit {args.selection_unit} trains the masked entries themselves: "
+                        "it takes no --adapter")
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if args.report_to and "wandb" in args.report_to and args.hub_token is not None:
@@ -495,7 +501,12 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
                 selection.table())
 
     public_weights = {}
-    if args.no_lora:
+    sparse = selection.unit in SPARSE_UNITS
+    if sparse:  # only the masked entries train (their `delta` vectors): optimizer state and noise cover them only
+        add_masked_deltas(unet, selection.masks())
+        logger.info("training %d of the pool's %d entries (%s unit)", selection.mask["trainable_parameters"],
+                    selection.mask["pool_parameters"], selection.unit)
+    elif args.no_lora:
         for name in selection.selected:
             weight = unet.get_submodule(name).weight
             public_weights[name] = weight.detach().clone()
@@ -567,6 +578,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
                              "--resume_from_checkpoint latest --allow_over_budget_release to release it anyway")
         deltas = ({n: unet.get_submodule(n).weight.detach().float() - w.float()
                    for n, w in public_weights.items()} if args.no_lora else None)
+        if sparse:  # W - W_public, exactly zero outside the mask
+            deltas = masked_updates(unet)
         release(args, output_dir, pipe, config, selection, report, dataset, deltas, family)
     accelerator.wait_for_everyone()
     accelerator.end_training()
