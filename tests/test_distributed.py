@@ -25,6 +25,7 @@ from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.diffusion import per_sample_diffusion_loss
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
+from peft_dp_saliency.sharding import encode_shard, shard_indices
 from script_runner import ledger_steps, training_script, tiny_argv
 from tiny_models import tiny_encoded_data, tiny_scheduler, tiny_unet
 
@@ -37,11 +38,11 @@ SELECTION_SIGMA = 3.0
 SAMPLER_N, SAMPLER_Q, SAMPLER_STEPS = 101, 0.3, 300
 
 
-def fixed_loss(unet, noise_scheduler, latents, states, noise, timesteps):
+def fixed_loss(unet, noise_scheduler, latents, states, noise, timesteps, **options):
     """The diffusion loss with per-example randomness that depends on the example only."""
     fixed_noise = torch.sin(13.0 * latents)
     fixed_t = torch.full_like(timesteps, 500)
-    return per_sample_diffusion_loss(unet, noise_scheduler, latents, states, fixed_noise, fixed_t)
+    return per_sample_diffusion_loss(unet, noise_scheduler, latents, states, fixed_noise, fixed_t, **options)
 
 
 @contextmanager
@@ -94,6 +95,14 @@ def selection_average(sigma, rank=0, world=1) -> torch.Tensor:
     return torch.cat([v.flatten() for v in noisy.values()])
 
 
+def encoding_inputs():
+    """(embedded pipeline, first N Fashion-MNIST examples) for the encoding checks."""
+    from peft_dp_saliency.data import load_sensitive_dataset
+    from peft_dp_saliency.public_model import load_public_pipeline
+
+    return load_public_pipeline(), load_sensitive_dataset(max_examples=N)
+
+
 def gather(value):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
@@ -120,6 +129,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     found["steps_per_rank"] = gather(len(batches))
     found["inclusion_counts"] = gather(counts)
     found["empty_steps_yielded"] = gather(len(list(poisson_sampler(SAMPLER_N, 1e-3, 50, noise_generator("cpu")))))
+    found["shard_indices"] = gather(shard_indices(SAMPLER_N, rank, WORLD).tolist())
+
+    # Encoding: each rank encodes its shard only; global indices reach the right rows.
+    encoded = encode_shard(families.StableDiffusionFamily(), *encoding_inputs(), batch_size=4, show_progress=False)
+    owned = shard_indices(N, rank, WORLD)
+    latents, states = encoded.batch(owned)
+    found["encoded"] = gather({"size": len(encoded), "rows": len(encoded.latents), "owned": owned,
+                               "latents": latents, "states": states})
+    try:
+        encoded.batch(torch.tensor([(rank + 1) % WORLD]))
+        found["foreign_refused"] = gather(False)
+    except ValueError:
+        found["foreign_refused"] = gather(True)
 
     # DP-SGD: noise-free update of a fixed batch, then noisy repeats (noise = noisy - noise-free).
     clean = clipped_update(0.0, rank, WORLD)
@@ -184,6 +206,27 @@ def test_per_rank_samplers_partition_the_dataset(two_processes):
     assert set.union(*shards) == set(range(SAMPLER_N))
     assert sum(len(s) for s in shards) == SAMPLER_N  # disjoint
     assert all(len(s) > 0 for s in shards)
+
+
+def test_sampler_query_and_encoding_share_one_ownership_function(two_processes):
+    found = two_processes[1]
+    assert found["shards"] == found["shard_indices"]  # the sampler's shard is shard_indices'
+    assert [e["owned"].tolist() for e in found["encoded"]] == [shard_indices(N, r, WORLD).tolist() for r in range(WORLD)]
+
+
+def test_each_rank_encodes_only_its_shard_and_matches_one_process(two_processes):
+    found = two_processes[1]
+    pipe, dataset = encoding_inputs()
+    single = encode_shard(families.StableDiffusionFamily(), pipe, dataset, batch_size=4, show_progress=False)
+    reference = families.StableDiffusionFamily().encode_dataset(pipe, dataset, batch_size=4, show_progress=False)
+    assert torch.equal(single.latents, reference.latents)  # one process: bit-identical, not a subset
+    assert [e["rows"] for e in found["encoded"]] == [7, 6]  # N = 13 over 2 ranks: each holds its shard only
+    assert all(e["size"] == N for e in found["encoded"])  # the mechanisms still divide by N
+    for e in found["encoded"]:
+        expected_latents, expected_states = single.batch(e["owned"])
+        torch.testing.assert_close(e["latents"], expected_latents, rtol=1e-4, atol=1e-5)
+        assert torch.equal(e["states"], expected_states)
+    assert found["foreign_refused"] == [True, True]
 
 
 def test_poisson_sampling_over_ranks_includes_each_example_with_rate_q(two_processes):

@@ -25,6 +25,7 @@ from .diffusion import EncodedDataset
 from .families import StableDiffusionFamily
 from .noise import sum_and_add_noise_once
 from .per_sample import PerSampleClipper
+from .sharding import rank_and_world, shard_indices
 from .sparse import masks_of
 
 
@@ -59,7 +60,7 @@ class PoissonSampler:
         if dataset_size < 1 or not 0 < sample_rate <= 1 or steps < 0 or not 0 <= rank < world_size:
             raise ValueError(f"invalid Poisson sampler: N={dataset_size}, q={sample_rate}, steps={steps}, "
                              f"rank={rank}, world_size={world_size}")
-        self.shard = torch.arange(rank, dataset_size, world_size)
+        self.shard = shard_indices(dataset_size, rank, world_size)
         self.sample_rate, self.steps, self.generator = sample_rate, steps, generator
 
     def __len__(self) -> int:
@@ -78,14 +79,8 @@ def poisson_sampler(dataset_size: int, sample_rate: float, steps: int,
 
     Each rank must pass its own independently seeded generator.
     """
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     return PoissonSampler(dataset_size, sample_rate, steps, generator, rank, world)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def broadcast_trainable(model: nn.Module) -> None:
@@ -93,7 +88,7 @@ def broadcast_trainable(model: nn.Module) -> None:
 
     Replicas then stay identical: each step applies the same all-reduced noisy gradient.
     """
-    if _rank_and_world()[1] > 1:
+    if rank_and_world()[1] > 1:
         for param in model.parameters():
             if param.requires_grad:
                 dist.broadcast(param.data, src=0)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .accounting import SELECTION
@@ -27,6 +26,7 @@ from .families import StableDiffusionFamily
 from .dp_sgd import PoissonSampler
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
+from .sharding import rank_and_world, shard_indices
 from .sparse import coordinate_scores, decode_masks, encode_masks, random_scores, top_masks
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
     family = family or StableDiffusionFamily()
     device = data.latents.device
     n, q = len(data), config.selection_sample_rate
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     clipper = PerSampleClipper(candidates, config.selection_max_grad_norm, config.selection_clipping)
     k = config.selection_noise_multiplicity
     sums = {f"{name}.weight": torch.zeros(m.weight.shape, dtype=torch.float32, device=device)
@@ -135,7 +135,7 @@ def _noisy_average_gradients(unet, noise_scheduler, data: EncodedDataset, candid
                                  rank, world)
         shard = next(iter(sampler)).to(device)
     else:
-        shard = torch.arange(rank, n, world, device=device)  # every example exactly once over processes
+        shard = shard_indices(n, rank, world).to(device)  # every example exactly once over processes
     batches = [batch for batch in shard.split(batch_size) if len(batch)]  # an empty sample: noise only
     nonfinite = 0
     for indices in tqdm(batches, desc="saliency query", disable=not show_progress or rank != 0):

@@ -45,6 +45,7 @@ from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid
+from peft_dp_saliency.sharding import encode_shard
 from peft_dp_saliency.select import add_selection_arguments, config_from_args
 from peft_dp_saliency.selection import SelectionResult, load_paid_selection, reselect, select_target_modules
 from peft_dp_saliency.sparse import add_masked_deltas, masked_updates
@@ -468,9 +469,9 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
         family.candidates(unet, args.candidate_pool)
     with state.timed("encode"):
         sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
-        data = family.encode_dataset(pipe, dataset, batch_size=args.selection_batch_size,
-                                     show_progress=accelerator.is_local_main_process, resolution=resolution,
-                                     **sequence)
+        data = encode_shard(family, pipe, dataset, batch_size=args.selection_batch_size,  # this rank's examples
+                            show_progress=accelerator.is_local_main_process, resolution=resolution,
+                            **sequence)
     # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
     # is secret unless --deterministic_noise.
     config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
