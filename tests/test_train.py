@@ -191,7 +191,7 @@ def test_fit_from_python_gives_the_same_artefacts_as_the_command(tmp_path, pushe
 
     with pytest.raises(TypeError, match="unknown training options"):
         fit(tmp_path / "x", max_grad_nrom=1.0)
-    result = fit(tmp_path / "api", max_train_samples=48, max_train_steps=3, expected_batch_size=16,
+    result = fit(output_dir=tmp_path / "api", max_train_samples=48, max_train_steps=3, expected_batch_size=16,
                  train_batch_size=8, selection_batch_size=24, num_validation_images=1, checkpointing_steps=2,
                  seed=0, rank=2, lora_alpha=6, target_epsilon=8)
     script_out, _ = pushed_run

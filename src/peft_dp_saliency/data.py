@@ -90,8 +90,12 @@ MAX_LISTED_PROBLEMS = 20
 _AS_RGB_MODES = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"}
 _ALPHA_MODES = {"RGBA", "LA", "PA"}
 _16_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+# --image_interpolation_mode names (torchvision's InterpolationMode) -> the PIL filter that does it
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "nearest_exact": Image.Resampling.NEAREST,
+              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
 _CONVERSIONS = ("converted to RGB (gray replicated, alpha composited over black, 16-bit "
-                "scaled /257), shorter side resized to {r} (bilinear) and center-cropped "
+                "scaled /257), shorter side resized to {r} ({mode}) and center-cropped "
                 "to {r}x{r}")
 
 
@@ -105,10 +109,14 @@ class SensitiveImageDataset(Dataset):
         resolution: R, the side of every output image in pixels.
         description: one line for reports and model cards (no file paths, no per-image data).
         class_names_source: where the (public) class names came from, for reports and cards.
+        captions: N per-example captions (sensitive: they are data, never released), or None
+            (each example is conditioned on its class prompt).
+        interpolation: the RESAMPLING name of the resize.
     """
 
     def __init__(self, images, labels: torch.Tensor, class_names: list[str], prompts: list[str],
-                 resolution: int, description: str, class_names_source: str = "given"):
+                 resolution: int, description: str, class_names_source: str = "given",
+                 captions: list[str] | None = None, interpolation: str = "bilinear"):
         """`images[i]` must return an RGB PIL image of any size; `labels` is (N,) int64."""
         self._images = images
         self.labels = labels
@@ -117,6 +125,8 @@ class SensitiveImageDataset(Dataset):
         self.resolution = resolution
         self.description = description
         self.class_names_source = class_names_source
+        self.captions = captions
+        self.interpolation = interpolation
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of what identifies this data: N, labels, class names, resolution, description
@@ -133,21 +143,23 @@ class SensitiveImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = resize_center_crop(self._images[index], self.resolution)
+        image = resize_center_crop(self._images[index], self.resolution, self.interpolation)
         return to_tensor(image), int(self.labels[index])
 
 
-def load_sensitive_dataset(source: str | None = None, *, split: str = "train", resolution: int = 32,
-                           image_column: str = "image", label_column: str = "label",
+def load_sensitive_dataset(source: str | datasets.Dataset | None = None, *, split: str = "train",
+                           resolution: int = 32, image_column: str = "image", label_column: str = "label",
                            prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
                            prompts: list[str] | None = None,
                            class_names: list[str] | None = None,
-                           max_examples: int | None = None) -> SensitiveImageDataset:
+                           max_examples: int | None = None, caption_column: str | None = None,
+                           interpolation: str = "bilinear", config_name: str | None = None,
+                           cache_dir: str | None = None) -> SensitiveImageDataset:
     """Load, verify and describe the sensitive images; see the module docstring for the rules.
 
     Args:
         source: None or "fashion-mnist" (Debian files), a folder (imagefolder or a
-            `save_to_disk` dataset) or a Hub dataset name.
+            `save_to_disk` dataset), a Hub dataset name or a loaded ``datasets.Dataset``.
         split: "train" or "test" for Fashion-MNIST; any split name for `datasets` sources.
         resolution: R, output images are (3, R, R).
         image_column, label_column: columns of a `datasets` source ("img" is tried when
@@ -157,30 +169,45 @@ def load_sensitive_dataset(source: str | None = None, *, split: str = "train", r
         class_names: the public class list (index = label); required for a label column that is
             not a ClassLabel, optional elsewhere (it then renames the source's classes, same count).
         max_examples: keep only the first K items (deterministic); N is then at most K.
+        caption_column: a text column of a `datasets` source: each example's own caption (sensitive).
+        interpolation: the resize filter, a RESAMPLING name (default bilinear).
+        config_name, cache_dir: ``datasets.load_dataset``'s `name` and `cache_dir` (Hub sources).
     """
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"interpolation must be one of {sorted(RESAMPLING)}, got {interpolation!r}")
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive int, got {resolution!r}")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be None or >= 1, got {max_examples}")
-    if source is None or source == "fashion-mnist":
+    captions = None
+    if isinstance(source, datasets.Dataset):
+        images, labels, names, names_source, captions = _load_arrow(
+            source, image_column, label_column, max_examples, class_names, caption_column)
+        origin = "a `datasets.Dataset` object"
+        conversions = _CONVERSIONS.format(r=resolution, mode=interpolation)
+    elif source is None or source == "fashion-mnist":
+        if caption_column is not None:
+            raise ValueError("Fashion-MNIST has no captions: caption_column needs a `datasets` source")
         images, labels, names, origin = _load_fashion_mnist(split, max_examples)
         names_source = "the DPImageBench names of Fashion-MNIST's 10 classes"
         conversions = "28x28 grayscale zero-padded by 2 px per side to 32x32, replicated to RGB"
         if resolution != 32:
-            conversions += f", resized to {resolution}x{resolution} (bilinear)"
+            conversions += f", resized to {resolution}x{resolution} ({interpolation})"
     else:
-        images, labels, names, names_source, origin = _load_other(
-            source, split, image_column, label_column, max_examples, class_names)
-        conversions = _CONVERSIONS.format(r=resolution)
+        images, labels, names, names_source, origin, captions = _load_other(
+            source, split, image_column, label_column, max_examples, class_names, caption_column,
+            {"name": config_name, "cache_dir": cache_dir})
+        conversions = _CONVERSIONS.format(r=resolution, mode=interpolation)
     if class_names is not None:
         names = _renamed(names, class_names)
         names_source = "the class_names argument (--class_names)"
     if max_examples is not None:
         origin += f", first {max_examples} examples (max_examples)"
     description = (f"{origin}; N={len(labels)}, {len(names)} classes; images "
-                   f"3x{resolution}x{resolution} in [-1, 1]: {conversions}")
+                   f"3x{resolution}x{resolution} in [-1, 1]: {conversions}"
+                   + ("; conditioned on per-example captions" if captions is not None else ""))
     return SensitiveImageDataset(images, labels, names, make_prompts(names, prompt_template, prompts),
-                                 resolution, description, names_source)
+                                 resolution, description, names_source, captions, interpolation)
 
 
 def _renamed(names: list[str] | None, class_names: list[str]) -> list[str]:
@@ -236,14 +263,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise ValueError(f"unsupported image mode {image.mode!r}; convert the file to RGB")
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side resized to `resolution` (bilinear), then a centered square crop of that side."""
+def resize_center_crop(image: Image.Image, resolution: int, interpolation: str = "bilinear") -> Image.Image:
+    """Shorter side resized to `resolution` (a RESAMPLING filter), then a centered square crop of that side."""
     width, height = image.size
     if (width, height) == (resolution, resolution):
         return image
     scale = resolution / min(width, height)
     new_size = (max(resolution, int(width * scale)), max(resolution, int(height * scale)))
-    image = image.resize(new_size, Image.Resampling.BILINEAR)
+    image = image.resize(new_size, RESAMPLING[interpolation])
     left = int(round((new_size[0] - resolution) / 2.0))
     top = int(round((new_size[1] - resolution) / 2.0))
     return image.crop((left, top, left + resolution, top + resolution))
@@ -338,8 +365,10 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
 # Folders and `datasets` sources -----------------------------------------------------------
 
 def _load_other(source: str, split: str, image_column: str, label_column: str,
-                max_examples: int | None, class_names: list[str] | None):
-    """Images, labels, class names (None if the source has no class list), their source, origin."""
+                max_examples: int | None, class_names: list[str] | None, caption_column: str | None,
+                hub_options: dict):
+    """Images, labels, class names (None if the source has no class list), their source, origin and
+    captions (None without caption_column). hub_options: load_dataset's name and cache_dir."""
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -350,16 +379,22 @@ def _load_other(source: str, split: str, image_column: str, label_column: str,
                                      f"available: {sorted(loaded)} (set split=...)")
                 loaded = loaded[split]
             origin = f"`datasets` dataset saved on disk, split {str(loaded.split or 'unspecified')!r}"
-            return _load_arrow(loaded, image_column, label_column, max_examples, origin, class_names)
-        return _load_imagefolder(path, max_examples)
+            *loaded_parts, captions = _load_arrow(loaded, image_column, label_column, max_examples, class_names,
+                                                  caption_column)
+            return (*loaded_parts, origin, captions)
+        if caption_column is not None:
+            raise ValueError("an imagefolder has no captions: caption_column needs a `datasets` source")
+        return (*_load_imagefolder(path, max_examples), None)
     if path.exists():
         raise ValueError(f"{path} is a file; pass a folder (one subfolder per class), a "
                          f"`save_to_disk` folder or a Hub dataset name")
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
         raise ValueError(f"dataset folder {source} does not exist (and it is not a Hub name)")
-    loaded = datasets.load_dataset(source, split=split)
+    loaded = datasets.load_dataset(source, hub_options.get("name"), split=split, cache_dir=hub_options.get("cache_dir"))
     origin = f"Hub dataset {source}, split {split!r}"
-    return _load_arrow(loaded, image_column, label_column, max_examples, origin, class_names)
+    *loaded_parts, captions = _load_arrow(loaded, image_column, label_column, max_examples, class_names,
+                                          caption_column)
+    return (*loaded_parts, origin, captions)
 
 
 class _FileImages:
@@ -440,13 +475,15 @@ class _ArrowImages:
 
 
 def _load_arrow(dataset: datasets.Dataset, image_column: str, label_column: str,
-                max_examples: int | None, origin: str, class_names: list[str] | None):
-    """Images, (N,) labels, class names, their source and origin text of a `datasets.Dataset`."""
+                max_examples: int | None, class_names: list[str] | None, caption_column: str | None = None):
+    """Images, (N,) labels, class names, their source and the captions (None without caption_column)
+    of a `datasets.Dataset`."""
     columns = dataset.column_names
     if image_column == "image" and "image" not in columns and "img" in columns:
         image_column = "img"
-    for column, flag in ((image_column, "image_column"), (label_column, "label_column")):
-        if column not in columns:
+    wanted = ((image_column, "image_column"), (label_column, "label_column"), (caption_column, "caption_column"))
+    for column, flag in wanted:
+        if column is not None and column not in columns:
             raise ValueError(f"column {column!r} not found in the dataset; available columns: "
                              f"{columns}; pass {flag}=<name>")
     if not isinstance(dataset.features[image_column], datasets.Image):
@@ -455,9 +492,14 @@ def _load_arrow(dataset: datasets.Dataset, image_column: str, label_column: str,
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
     labels, names, names_source = _arrow_labels(dataset, label_column, class_names)
+    captions = None if caption_column is None else list(dataset[caption_column])
+    bad = [index for index, caption in enumerate(captions or []) if not isinstance(caption, str) or not caption]
+    if bad:
+        raise ValueError(f"caption column {caption_column!r} has empty or non-text cells in rows "
+                         f"{bad[:MAX_LISTED_PROBLEMS]} ({len(bad)} rows); fill or remove them")
     images = _ArrowImages(dataset, image_column)
     _verify(images, lambda index: f"row {index} of column {image_column!r}")
-    return images, labels, names, names_source, origin
+    return images, labels, names, names_source, captions
 
 
 def _arrow_labels(dataset: datasets.Dataset, column: str,

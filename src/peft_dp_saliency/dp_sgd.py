@@ -140,9 +140,12 @@ class DPSGDStep:
         k = self.settings.noise_multiplicity
         noise, timesteps = self.family.draw_inputs(len(indices) * k, latents_all.shape[1:], self.noise_scheduler,
                                                    self.diffusion_gen, latents_all.device, latents_all.dtype)
+        # --random_flip: each example's orientation is one more per-example draw of the secret generator
+        flips = None if self.data.flipped_latents is None else \
+            torch.rand(len(indices), generator=self.diffusion_gen, device=latents_all.device) < 0.5
         size = self.settings.micro_batch_size
         for start, micro in zip(range(0, len(indices), size), indices.split(size)):
-            latents, states = self.data.batch(micro)
+            latents, states = self.data.batch(micro, None if flips is None else flips[start:start + len(micro)])
             with self.clipper.capture():
                 rows = slice(start * k, (start + len(micro)) * k)
                 loss = self.family.per_sample_loss(self.unet, self.noise_scheduler, latents, states,

@@ -95,20 +95,30 @@ class PerSampleClipper:
         self.modules = modules
         self.max_grad_norm, self.clipping, self.gamma = max_grad_norm, clipping, gamma
         self._records: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._recording = False  # True from capture() to the backward of clipped_sums()
 
     @contextmanager
     def capture(self):
-        """Record (input, output) of every module during the forward inside this context."""
+        """Record (input, output) of every module during the forward inside this context.
+
+        Gradient checkpointing (non-reentrant, as diffusers' enable_gradient_checkpointing) runs a
+        segment's forward again inside the backward; those calls are not recorded: the forward's
+        records are the graph the backward differentiates, and the recomputation repeats them.
+        """
         self._records.clear()
+        self._recording = True
 
         def hook(name):
             def record(module, inputs, output):
+                if not self._recording:  # a checkpointed segment recomputed in clipped_sums' backward
+                    return
                 if name in self._records:
                     raise RuntimeError(f"{name} ran twice in one forward; per-sample gradients assume "
                                        "each module is called once per example")
                 if not output.requires_grad:
-                    raise RuntimeError(f"the output of {name} does not require grad; wrap frozen "
-                                       "modules in frozen_weights_tracked()")
+                    raise RuntimeError(f"the output of {name} does not require grad: wrap frozen modules in "
+                                       "frozen_weights_tracked(); reentrant gradient checkpointing (which runs "
+                                       "the forward without grad) is not supported, use use_reentrant=False")
                 self._records[name] = (inputs[0].detach(), output)
             return record
 
@@ -126,6 +136,7 @@ class PerSampleClipper:
             raise RuntimeError(f"modules not used in the forward: {missing[:3]}...")
         names = list(self.modules)
         outputs = [self._records[n][1] for n in names]
+        self._recording = False
         grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
         batch = per_sample_loss.shape[0]
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=per_sample_loss.device)

@@ -8,39 +8,22 @@ and its (epsilon, delta) from the accountant; the per-block table is printed.
 
 from __future__ import annotations
 
-import argparse
 import logging
-from pathlib import Path
+from dataclasses import field
 
 import torch
 
 from . import accounting
-from .candidates import UNITS
 from .config import SaliencyLoraConfig
-from .public_model import EMBEDDED_MODEL_PATH
+from .training_config import SELECTION_FLAGS, arguments_subset, parse_args
 
 
-def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
-    """The SaliencyLoraConfig selection flags (shared by this CLI and examples/train_dp_sapf.py)."""
-    g = parser.add_argument_group("saliency selection (SaliencyLoraConfig fields)")
-    g.add_argument("--selection_strategy", default="saliency", choices=["saliency", "random", "all"])
-    g.add_argument("--candidate_pool", default="attn_qkv", choices=["attn_qkv", "attn_qkvo", "all_linear"])
-    g.add_argument("--selection_unit", default="matrix", choices=list(UNITS),
-                   help=SaliencyLoraConfig.__dataclass_fields__["selection_unit"].metadata["help"])
-    g.add_argument("--selection_ratio", type=float, default=0.3)
-    g.add_argument("--saliency_score", default="norm", choices=["norm", "debiased"])
-    g.add_argument("--selection_noise_multiplier", type=float, default=None,
-                   help="sigma_s: the query's noise std is sigma_s C / N. Default: calibrated from "
-                        "--selection_budget_fraction.")
-    g.add_argument("--selection_budget_fraction", type=float, default=0.1,
-                   help="Without --selection_noise_multiplier: sigma_s is the smallest noise whose query alone "
-                        "costs at most this fraction of --target_epsilon (under both accountants).")
-    g.add_argument("--selection_max_grad_norm", type=float, default=1.0)
-    g.add_argument("--selection_sample_rate", type=float, default=0.1,
-                   help="The query runs on a Poisson subsample of this rate (amplification accounted; 1 = all N).")
-    g.add_argument("--selection_clipping", default="automatic", choices=["automatic", "flat"])
-    g.add_argument("--selection_noise_multiplicity", type=int, default=1)
-    g.add_argument("--selection_batch_size", type=int, default=64)
+# The run flags this command needs and the selection flags: TrainingConfig's own fields (one definition).
+SelectArguments = arguments_subset(
+    "SelectArguments",
+    ["pretrained_model_name_or_path", "dataset_name", "train_data_dir", "max_train_samples", "resolution",
+     "target_delta", "target_epsilon", "seed", "class_names", "adjacency", "deterministic_noise", *SELECTION_FLAGS],
+    extra=(("output_json", str, field(metadata={"help": "Where the selection (JSON) is written."})),))
 
 
 def config_from_args(args, seed: int | None, selection_noise_multiplier: float, **lora_fields) -> SaliencyLoraConfig:
@@ -68,24 +51,7 @@ def main(argv=None) -> dict:
     from .diffusion import encode_dataset
     from .selection import select_target_modules
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
-    p.add_argument("--dataset_name", default=None)
-    p.add_argument("--train_data_dir", default=None)
-    p.add_argument("--max_train_samples", type=int, default=None)
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
-    p.add_argument("--target_epsilon", type=float, default=10.0,
-                   help="The run's budget: with --selection_budget_fraction f the query costs at most f of it.")
-    p.add_argument("--seed", type=int, default=None,
-                   help="Seeds the random strategy only; never the query's randomness (unless --deterministic_noise).")
-    p.add_argument("--class_names", nargs="+", default=None,
-                   help="The public class list (required when the label column is not a datasets.ClassLabel).")
-    p.add_argument("--adjacency", default=accounting.DEFAULT_ADJACENCY, choices=sorted(accounting.ADJACENCIES))
-    p.add_argument("--deterministic_noise", action="store_true", help="Tests only: NOT private.")
-    p.add_argument("--output_json", type=Path, required=True)
-    add_selection_arguments(p)
-    args = p.parse_args(argv)
+    args = parse_args(argv, SelectArguments, description=__doc__)
     logging.basicConfig(level=logging.INFO)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,7 +78,7 @@ def main(argv=None) -> dict:
                           "epsilon": {a: accounting.compute_epsilon(stages, delta, a, adjacency=args.adjacency)
                                       for a in accounting.ACCOUNTANTS},
                           "noise": "deterministic (NOT PRIVATE)" if args.deterministic_noise else "os.urandom-seeded"}
-    accounting.write_json_atomic(str(args.output_json), out)
+    accounting.write_json_atomic(args.output_json, out)
     print(result.table())
     return out
 

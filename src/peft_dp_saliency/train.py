@@ -16,16 +16,18 @@ Private sparse selection: --selection_unit entry / row (DP-SGD on the masked ent
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -35,122 +37,27 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from tqdm.auto import tqdm
 
-from peft_dp_saliency import accounting, hub
+from peft_dp_saliency import accounting, hub, training_config
 from peft_dp_saliency.candidates import SPARSE_UNITS
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.families import SUPPORTED_PIPELINES, ModelFamily, detect_family
 from peft_dp_saliency.loda import add_loda_adapters, load_adapter, save_loda
 from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
 from peft_dp_saliency.noise import noise_generator
-from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid
 from peft_dp_saliency.sharding import encode_shard
-from peft_dp_saliency.select import add_selection_arguments, config_from_args
+from peft_dp_saliency.select import config_from_args
 from peft_dp_saliency.selection import SelectionResult, load_paid_selection, reselect, select_target_modules
 from peft_dp_saliency.sparse import add_masked_deltas, masked_updates
+from peft_dp_saliency.training_config import TrainingConfig
 
 logger = logging.getLogger("train_dp_sapf")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model and data (names as in diffusers' train_text_to_image_lora.py)")
-    g.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
-    g.add_argument("--revision", default=None)
-    g.add_argument("--variant", default=None)
-    g.add_argument("--dataset_name", default=None,
-                   help="A datasets Hub name or a saved dataset folder; default: Debian's Fashion-MNIST.")
-    g.add_argument("--train_data_dir", default=None, help="An imagefolder (one subfolder per class).")
-    g.add_argument("--image_column", default="image")
-    g.add_argument("--label_column", default="label")
-    g.add_argument("--prompt_template", default="An image of a {}")
-    g.add_argument("--class_names", nargs="+", default=None,
-                   help="The public class list, in label order (required when the label column is not a "
-                        "datasets.ClassLabel: class names are released, so they must never be read off the data).")
-    g.add_argument("--class_prompts", nargs="+", default=None,
-                   help="One prompt per class (overrides --prompt_template).")
-    g.add_argument("--max_train_samples", type=int, default=None,
-                   help="Use the first K examples only (N = K in the privacy analysis).")
-    g.add_argument("--resolution", type=int, default=None, help="Default: the VAE's sample_size.")
-    g.add_argument("--max_sequence_length", type=int, default=None,
-                   help="SD3 / Flux / Sana: text tokens of the T5/Gemma prompt encoder (default: the family's).")
-    g = p.add_argument_group("training")
-    g.add_argument("--output_dir", default="dp-sapf-model")
-    g.add_argument("--checkpoint_dir", default=None,
-                   help="Checkpoints, spending ledger and local logs (not published). Default: <output_dir>-work.")
-    g.add_argument("--overwrite_output_dir", action="store_true")
-    g.add_argument("--rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, default=None, help="Default: rank.")
-    g.add_argument("--no_lora", action="store_true", help="DP-SGD directly on the selected matrices.")
-    g.add_argument("--adapter", default="lora", choices=["lora", "loda", "loda_plus"],
-                   help="lora; or LoDA / LoDA+ (W x + B f(A x), f a small residual non-linear map on r dims, "
-                        "Lowy et al.): released as loda_adapter.safetensors, loaded with "
-                        "peft_dp_saliency.load_adapter(pipe, dir).")
-    g.add_argument("--learning_rate", type=float, default=2e-3)
-    g.add_argument("--lr_scheduler", default="constant")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_train_steps", type=int, default=200)
-    g.add_argument("--train_batch_size", type=int, default=64, help="Micro-batch (memory only).")
-    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    g.add_argument("--checkpointing_steps", type=int, default=50)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    g.add_argument("--seed", type=int, default=None,
-                   help="Seeds what is data-independent (LoRA init, random selection, sample grids). Never the "
-                        "mechanisms' randomness (DP noise, Poisson sampling, timesteps and diffusion noise of "
-                        "each example), which is secret (os.urandom), unless --deterministic_noise.")
-    g.add_argument("--report_to", default=None,
-                   help="accelerate trackers (tensorboard, wandb). They receive only public or DP values: the "
-                        "hyperparameters (no token, no local path), the learning rate, the steps spent and "
-                        "samples. The un-noised training loss goes to <output_dir>-work/train_loss.csv only.")
-    g.add_argument("--report_nonprivate_training_loss", action="store_true",
-                   help="ALSO send the un-noised training loss (computed on the sensitive data, NOT covered by "
-                        "the DP guarantee) to the --report_to trackers. Off by default.")
-    g.add_argument("--validation_prompt", default=None, help="Default: the class prompts.")
-    g.add_argument("--num_validation_images", type=int, default=8)
-    g.add_argument("--push_to_hub", action="store_true")
-    g.add_argument("--hub_model_id", default=None)
-    g.add_argument("--hub_token", default=None)
-    g.add_argument("--hub_private", action="store_true", help="Create the Hub repository as private.")
-    g.add_argument("--license", default=None,
-                   help="License of the released adapter. Default: the base model's card license (SD-1.5: "
-                        "creativeml-openrail-m), 'other' when it cannot be read.")
-    g = p.add_argument_group("differential privacy")
-    g.add_argument("--target_epsilon", type=float, default=10.0, help="'inf' trains without privacy.")
-    g.add_argument("--target_delta", type=float, default=None, help="Default: 1/(N ln N).")
-    g.add_argument("--max_grad_norm", type=float, default=1.0,
-                   help="C: the per-example clipping norm (not diffusers' global gradient-norm clip). With "
-                        "--clipping automatic every example contributes C g/(||g|| + 0.01), so C only scales.")
-    g.add_argument("--clipping", default="automatic", choices=["automatic", "flat"],
-                   help="automatic: per-example normalisation (Bu et al. 2023), no C to tune; flat: min(1, C/||g||) "
-                        "(Abadi et al. 2016), which needs C matched to the gradients (never chosen from un-noised "
-                        "norms of the sensitive data: that is a release). Both have sensitivity C.")
-    g.add_argument("--noise_multiplicity", type=int, default=1,
-                   help="K (timestep, noise) draws averaged per example before clipping (DPDM): free in privacy, "
-                        "K x compute and memory per micro-batch.")
-    g.add_argument("--use_ema", action="store_true",
-                   help="Release the exponential moving average of the DP iterates (post-processing: free).")
-    g.add_argument("--ema_decay", type=float, default=0.999)
-    g.add_argument("--expected_batch_size", type=int, default=512, help="Logical batch: q = this / N.")
-    g.add_argument("--accountant", default="pld", choices=list(accounting.ACCOUNTANTS))
-    g.add_argument("--adjacency", default=accounting.DEFAULT_ADJACENCY, choices=sorted(accounting.ADJACENCIES),
-                   help="zero_out: one example replaced by a null example, N public (what dividing by the fixed N "
-                        "proves); replace_one: one example replaced by another (sensitivity 2C; PLD only).")
-    g.add_argument("--allow_over_budget_release", action="store_true",
-                   help="Release even if the spent epsilon exceeds --target_epsilon (the model card says so). "
-                        "Without it such a run stops before spending more and releases nothing.")
-    g.add_argument("--deterministic_noise", action="store_true",
-                   help="Tests only: seed every mechanism's randomness from --seed. NOT private.")
-    g.add_argument("--selection_json", default=None,
-                   help="Reuse a saliency query paid for earlier (`python -m peft_dp_saliency.select` output or a "
-                        "release's selection.json) instead of running one: --selection_ratio re-ranks its noisy "
-                        "scores (post-processing) and this run's report still counts the query.")
-    add_selection_arguments(p)
-    return p.parse_args(argv)
+def parse_args(argv=None) -> TrainingConfig:
+    """The run's TrainingConfig from command-line flags (its fields are the flags)."""
+    return training_config.parse_args(argv, description=__doc__)
 
 
 def check_args(args) -> None:
@@ -194,13 +101,61 @@ def check_args(args) -> None:
                         "replace-one analysis of Poisson sampling)")
     if args.dataset_name and args.train_data_dir:
         problems.append("give either --dataset_name or --train_data_dir, not both")
+    problems += _check_diffusers_flags(args)
     if problems:
         raise SystemExit("invalid arguments: " + "\n  ".join(problems))
 
 
-def model_family(path: str, revision: str | None = None) -> ModelFamily:
-    """The model family of --pretrained_model_name_or_path (from its model_index.json), checked before
-    anything is read: a local folder must hold that family's files; an unsupported pipeline exits."""
+def _check_diffusers_flags(args) -> list[str]:
+    """Problems with the flags taken from diffusers' scripts (found before anything is read)."""
+    problems = []
+    if not args.center_crop:
+        problems.append("--no_center_crop (random crops) is not offered: images are cropped once, before the "
+                        "latent cache; a random crop per step would re-encode every image each step")
+    if args.caption_column and not args.validation_prompt:
+        problems.append("--caption_column needs --validation_prompt: captions are data, so the sample grids "
+                        "(released) cannot use them; give a public prompt")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils import is_xformers_available
+
+        if not is_xformers_available():
+            problems.append("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                            "(pip install xformers), or drop the flag")
+    if args.snr_gamma is not None and not args.snr_gamma > 0:
+        problems.append(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    for flag in ("noise_offset", "dataloader_num_workers"):
+        if not getattr(args, flag) >= 0:
+            problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    for flag in ("checkpoints_total_limit", "validation_epochs"):
+        if getattr(args, flag) is not None and not getattr(args, flag) >= 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    return problems
+
+
+def loss_options(args) -> dict:
+    """The per-example loss options given on the command line (family constructor arguments)."""
+    given = {"snr_gamma": args.snr_gamma, "noise_offset": args.noise_offset or None,
+             "prediction_type": args.prediction_type}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def model_family(source, args) -> ModelFamily:
+    """The model family of a loaded pipeline or of --pretrained_model_name_or_path (from its
+    model_index.json), with the run's loss options, checked before anything is read: a local folder
+    must hold that family's files; an unsupported pipeline or loss option exits."""
+    family = _model_family(source, args.revision) if isinstance(source, str) else None
+    with input_errors("the pipeline"):
+        family = family or detect_family(source)
+    options = loss_options(args)
+    unsupported = sorted(set(options) - set(family.loss_options))
+    if unsupported:
+        raise SystemExit(f"{', '.join('--' + o for o in unsupported)} do(es) not apply to {family.pipeline_class_name} "
+                         f"(flow matching has its own target and weighting); they are DDPM (UNet) options")
+    return type(family)(**options) if options else family
+
+
+def _model_family(path: str, revision: str | None = None) -> ModelFamily:
+    """The family of a model folder / Hub id, its folder checked for that family's files."""
     folder = Path(path).expanduser()
     if not folder.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise SystemExit(f"--pretrained_model_name_or_path {path} does not exist (and is not a Hub model id)")
@@ -356,11 +311,13 @@ def make_accelerator(args, work_dir: Path) -> Accelerator:
 
 @dataclass
 class TrainingResult:
-    """What a finished run released (all DP outputs): the folder, its privacy report and selection."""
+    """What a finished run released (all DP outputs): the folder, its privacy report and selection,
+    and (from :func:`fit`) the adapted denoiser in memory (the UNet, or the transformer of SD3 / Flux / Sana)."""
 
     output_dir: Path
     report: accounting.PrivacyReport
     selection: SelectionResult
+    unet: torch.nn.Module | None = None
 
     @classmethod
     def load(cls, output_dir: str | Path) -> "TrainingResult":
@@ -377,46 +334,79 @@ class TrainingResult:
         else:
             pipe.load_lora_weights(str(self.output_dir))
 
+    def save(self, output_dir: str | Path) -> Path:
+        """Copy the release (exactly its allow-listed files) to a new or empty folder; returns it."""
+        hub.check_publishable(self.output_dir)
+        target = Path(output_dir)
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"{target} is not empty")
+        target.mkdir(parents=True, exist_ok=True)
+        for path in self.output_dir.iterdir():
+            shutil.copy2(path, target / path.name)
+        return target
+
     def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False) -> str:
         """Upload exactly the released files (allow-list checked); returns the repo id."""
         return hub.push_output_dir(self.output_dir, repo_id, token=token, private=private)
 
 
-def fit(output_dir: str | Path, **flags) -> TrainingResult:
-    """The whole run from Python: `fit("out", target_epsilon=1, max_train_steps=100, use_ema=True)`.
+def fit(model=None, dataset=None, config: TrainingConfig | None = None, **options) -> TrainingResult:
+    """The whole run from Python; returns the release with the adapted denoiser.
 
-    Keyword arguments are the command-line flags (`python -m peft_dp_saliency.train --help`; True for a
-    switch, a list for a multi-value flag); an unknown name raises TypeError before anything runs.
+        pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        result = fit(pipe, load_dataset("uoft-cs/cifar10", split="train"), TrainingConfig(target_epsilon=8))
+        result.report.epsilon, result.selection.selected, result.unet; result.push_to_hub("me/dp-lora")
+
+    model: a diffusers pipeline object (adapted in place: its denoiser gets the adapter and the
+        --mixed_precision dtype) or a model id / folder; None: config.pretrained_model_name_or_path.
+    dataset: a ``datasets.Dataset`` (image and label columns as config says), a Hub name or a folder;
+        None: config.dataset_name / config.train_data_dir (default Fashion-MNIST).
+    config: a TrainingConfig (default: the command line's defaults); options: its fields to override
+        (``fit(pipe, ds, output_dir="out", max_train_steps=100)``); an unknown name raises TypeError
+        before anything runs.
     """
-    known = vars(parse_args([]))
-    unknown = sorted(set(flags) - set(known))
+    unknown = sorted(set(options) - {f.name for f in fields(TrainingConfig)})
     if unknown:
         raise TypeError(f"unknown training options {unknown}; see python -m peft_dp_saliency.train --help")
-    argv = ["--output_dir", str(output_dir)]
-    for key, value in flags.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False and value is not None:
-            argv += [f"--{key}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
-    main(argv)
-    return TrainingResult.load(output_dir)
+    config = dataclasses.replace(config or TrainingConfig(), **options)
+    config.output_dir = str(config.output_dir)  # a Path is welcome
+    pipeline = data = None
+    if isinstance(model, (str, Path)):
+        config.pretrained_model_name_or_path = str(model)
+    else:
+        pipeline = model
+    if isinstance(dataset, (str, Path)):
+        config.dataset_name, config.train_data_dir = str(dataset), None
+    else:
+        data = dataset
+    unet = run(config, pipeline, data)
+    result = TrainingResult.load(config.output_dir)
+    result.unet = unet
+    return result
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> None:
+    """The command line: flags -> TrainingConfig -> :func:`run`."""
+    run(parse_args(argv))
+
+
+def run(args: TrainingConfig, pipeline=None, dataset=None) -> torch.nn.Module:
+    """One run from a config (and optionally an in-memory pipeline and ``datasets.Dataset``); returns
+    the adapted denoiser. Input errors exit (SystemExit) before anything is spent."""
     check_args(args)
-    family = model_family(args.pretrained_model_name_or_path, args.revision)
+    family = model_family(pipeline if pipeline is not None else args.pretrained_model_name_or_path, args)
     output_dir = Path(args.output_dir)
     work_dir = Path(args.checkpoint_dir or f"{args.output_dir.rstrip('/')}-work")
     accelerator = make_accelerator(args, work_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = RunState(work_dir, output_dir, resume=args.resume_from_checkpoint,
-                     overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process)
+                     overwrite=args.overwrite_output_dir, is_main=accelerator.is_main_process,
+                     keep_checkpoints=args.checkpoints_total_limit)
     # SIGTERM (kill, a launcher stopping its workers) unwinds like an error, so temporary files go.
     previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        train(args, accelerator, state, output_dir, family)
+        return train(args, accelerator, state, output_dir, family, pipeline, dataset)
     except BaseException:
         state.discard_if_unspent()  # a failure before any spending leaves no trace
         raise
@@ -428,19 +418,25 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(f"terminated by signal {signum}")
 
 
-def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, family: ModelFamily) -> None:
+def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, family: ModelFamily,
+          pipeline=None, dataset_object=None) -> torch.nn.Module:
     if args.seed is not None:
         set_seed(args.seed)  # data-independent randomness only (LoRA init, random selection)
+    if args.allow_tf32:  # as diffusers: TF32 matmuls on Ampere+ GPUs (numerics only)
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     # Setup: every input error surfaces here, before the ledger records any spending.
+    model_source = pipeline if pipeline is not None else args.pretrained_model_name_or_path
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
-        resolution = args.resolution or family.default_resolution(args.pretrained_model_name_or_path, args.revision)
+        resolution = args.resolution or family.default_resolution(model_source, args.revision)
     with input_errors("cannot load the sensitive dataset"):
         dataset = load_sensitive_dataset(
-            args.train_data_dir or args.dataset_name, resolution=resolution,
-            image_column=args.image_column, label_column=args.label_column,
+            dataset_object if dataset_object is not None else args.train_data_dir or args.dataset_name,
+            resolution=resolution, image_column=args.image_column, label_column=args.label_column,
             prompt_template=args.prompt_template, prompts=args.class_prompts, class_names=args.class_names,
-            max_examples=args.max_train_samples)
+            max_examples=args.max_train_samples, caption_column=args.caption_column,
+            interpolation=args.image_interpolation_mode, config_name=args.dataset_config_name,
+            cache_dir=args.cache_dir)
     if len(dataset) < 2:
         raise SystemExit(f"the sensitive dataset has {len(dataset)} example(s); DP training needs at least 2")
     paid = adopt_paid_selection(args, len(dataset)) if args.selection_json else None
@@ -457,21 +453,35 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
-        pipe = family.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
-                                    variant=args.variant, torch_dtype=weight_dtype)
-        noise_scheduler = family.noise_scheduler(args.pretrained_model_name_or_path, revision=args.revision)
+        if pipeline is None:
+            pipe = family.load_pipeline(args.pretrained_model_name_or_path, revision=args.revision,
+                                        variant=args.variant, torch_dtype=weight_dtype, cache_dir=args.cache_dir)
+        else:  # the caller's pipeline, adapted in place
+            pipe = pipeline.to(dtype=weight_dtype)
+        noise_scheduler = family.noise_scheduler(model_source, revision=args.revision,
+                                                 **({"cache_dir": args.cache_dir} if pipeline is None else {}))
+    if args.prediction_type:  # the sample grids sample with the target the adapter was trained for
+        pipe.scheduler.register_to_config(prediction_type=args.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     for module in family.frozen_modules(pipe):
         module.requires_grad_(False)
     pipe.to(accelerator.device)  # before adding adapters (opacus#820-style device mismatches)
     unet = family.denoiser(pipe)  # the UNet, or the transformer of SD3 / Flux / Sana
+    if getattr(unet, "peft_config", None):
+        raise SystemExit(f"the pipeline's {family.denoiser_attr} already has adapters {sorted(unet.peft_config)}: "
+                         "pass a freshly loaded pipeline")
     with input_errors("--candidate_pool"):
         family.candidates(unet, args.candidate_pool)
+    with input_errors("--gradient_checkpointing / --enable_xformers_memory_efficient_attention"):
+        if args.gradient_checkpointing:  # non-reentrant: the per-sample hooks skip the recomputation
+            unet.enable_gradient_checkpointing()
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
     with state.timed("encode"):
         sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
         data = encode_shard(family, pipe, dataset, batch_size=args.selection_batch_size,  # this rank's examples
                             show_progress=accelerator.is_local_main_process, resolution=resolution,
-                            **sequence)
+                            flip=args.random_flip, num_workers=args.dataloader_num_workers, **sequence)
     # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
     # is secret unless --deterministic_noise.
     config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
@@ -543,6 +553,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
                               noise_generator("cpu", _offset(secret_seed, 1000 + rank)))
     if args.report_to:
         accelerator.init_trackers("dp_sapf", config=tracker_config(args))
+    prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
+    validation_every = args.validation_epochs and args.validation_epochs * max(1, round(1 / settings.sample_rate))
     with state.timed("dp_sgd"):
         bar = tqdm(total=plan["max_train_steps"], initial=start_step, desc="DP-SGD",
                    disable=not accelerator.is_local_main_process)
@@ -565,6 +577,10 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
             accelerator.log(metrics, step=step)
             if step % args.checkpointing_steps == 0 or step == plan["max_train_steps"]:
                 state.save_checkpoint(step, unet, optimizer, lr_scheduler, ema)
+            if validation_every and step % validation_every == 0 and accelerator.is_main_process:
+                log_validation(accelerator, state.work_dir, step, sample_grid(pipe, family, prompts, args,
+                                                                              dataset.resolution))
+                unet.train()
         bar.close()
     unet.eval()
     if ema is not None:
@@ -581,9 +597,43 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
                    for n, w in public_weights.items()} if args.no_lora else None)
         if sparse:  # W - W_public, exactly zero outside the mask
             deltas = masked_updates(unet)
-        release(args, output_dir, pipe, config, selection, report, dataset, deltas, family)
+        release(args, output_dir, pipe, config, selection, report, dataset, deltas, family,
+                base_model_name(pipeline, args))
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    return unet
+
+
+def base_model_name(pipeline, args) -> str:
+    """The base model as the card and adapter metadata name it: the flag, or a loaded pipeline's
+    name_or_path (its Hub id or folder)."""
+    if pipeline is None:
+        return str(args.pretrained_model_name_or_path)
+    return getattr(pipeline, "name_or_path", None) or f"an in-memory {type(pipeline).__name__}"
+
+
+def sample_grid(pipe, family: ModelFamily, prompts: list[str], args, resolution: int):
+    """A grid of --num_validation_images samples per prompt from the pipeline's current (DP) weights,
+    seeded by the public --seed."""
+    family.use_fast_sampler(pipe)
+    with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
+        return prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0,
+                           height=resolution, width=resolution)
+
+
+def log_validation(accelerator: Accelerator, work_dir: Path, step: int, grid) -> None:
+    """--validation_epochs: save the grid to <work>/validation/step-<step>.png and send it to the trackers
+    (a function of the DP iterate only: post-processing)."""
+    folder = work_dir / "validation"
+    folder.mkdir(exist_ok=True)
+    grid.save(folder / f"step-{step}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid)]}, step=step)
 
 
 def mixed_precision(device: torch.device, weight_dtype: torch.dtype):
@@ -625,13 +675,13 @@ def build_report(plan: dict, state: RunState, deterministic_noise: bool, class_n
 
 
 def release(args, output_dir, pipe, config, selection: SelectionResult, report, dataset, deltas,
-            family: ModelFamily) -> None:
+            family: ModelFamily, base_model: str) -> None:
     """Write the publishable outputs (all DP or public) all-or-nothing, then push if asked."""
     try:
         with hub.staged_release(output_dir) as staging:
             if args.adapter == "lora":
                 hub.save_adapter(staging, family.denoiser(pipe), config, matrix_deltas=deltas,
-                                 base_model=str(args.pretrained_model_name_or_path), family=family)
+                                 base_model=base_model, family=family)
             else:
                 save_loda(staging, family.denoiser(pipe), {"selection_result": selection.to_dict()})
             hub.save_selection(staging, selection.to_dict(), config)
@@ -639,12 +689,8 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
             hub.save_json(staging, "class_prompts.json",
                           {"class_names": dataset.class_names, "prompts": dataset.prompts})
             prompts = [args.validation_prompt] if args.validation_prompt else dataset.prompts
-            family.use_fast_sampler(pipe)
-            with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
-                grid = prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0,
-                                   height=dataset.resolution, width=dataset.resolution)
-            hub.save_image(staging, "samples.png", grid)
-            card = hub.model_card(str(args.pretrained_model_name_or_path), dataset.description, report, config,
+            hub.save_image(staging, "samples.png", sample_grid(pipe, family, prompts, args, dataset.resolution))
+            card = hub.model_card(base_model, dataset.description, report, config,
                                   selection.table(), dataset.prompts, args.hub_model_id, args.adapter,
                                   license=args.license, dataset_id=_hub_dataset_id(args),
                                   pipeline_class=family.pipeline_class_name)

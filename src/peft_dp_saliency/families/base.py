@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..candidates import POOLS, find_candidates
-from ..diffusion import EncodedDataset
+from ..diffusion import EncodedDataset, encode_images, prompt_table
 
 
 @dataclass
@@ -36,9 +34,9 @@ class ConditionedDataset(EncodedDataset):
 
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        labels = self.labels[indices]
-        return self.latents[indices], {key: value[labels] for key, value in self.conditioning.items()}
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rows = self.prompt_rows(indices)
+        return self.batch_latents(indices, flip), {key: value[rows] for key, value in self.conditioning.items()}
 
 
 # Joint-attention (MMDiT) context-stream projections, added to the image-stream pools as their own entries.
@@ -103,9 +101,14 @@ def multiplicity(latents: torch.Tensor, noise: torch.Tensor) -> int:
     return noise.shape[0] // batch
 
 
-def mean_squared_error(prediction: torch.Tensor, target: torch.Tensor, batch: int, k: int) -> torch.Tensor:
-    """(B,) float32 MSE per example, averaged over its K draws (before clipping)."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1).view(batch, k).mean(1)
+def component_config(source, component: str, revision: str | None = None) -> dict:
+    """The config dict of a pipeline component ('vae', 'unet', ...): read from a model folder / Hub id
+    (its config.json only) or taken from a loaded pipeline."""
+    if isinstance(source, (str, Path)):
+        from diffusers import AutoencoderKL  # load_config only reads the folder's config.json
+
+        return AutoencoderKL.load_config(str(source), subfolder=component, revision=revision)
+    return dict(getattr(source, component).config)
 
 
 class ModelFamily:
@@ -122,6 +125,7 @@ class ModelFamily:
     text_encoder_attrs: tuple[str, ...] = ("text_encoder",)
     tokenizer_attrs: tuple[str, ...] = ("tokenizer",)
     main_conditioning: str = "prompt_embeds"  # the key stored as EncodedDataset.prompt_embeds
+    loss_options: tuple[str, ...] = ()  # constructor options of the loss (--snr_gamma, ...) this family has
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -152,11 +156,13 @@ class ModelFamily:
         names = ("vae", *self.text_encoder_attrs, self.denoiser_attr)
         return [m for m in (getattr(pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
-    def noise_scheduler(self, source, revision: str | None = None):
+    def noise_scheduler(self, source, revision: str | None = None, **kwargs):
         """The training noise scheduler: from a model folder / Hub id (its scheduler/ subfolder, as
-        diffusers' training scripts do) or from a loaded pipeline's scheduler config."""
+        diffusers' training scripts do; kwargs such as cache_dir go to from_pretrained) or from a loaded
+        pipeline's scheduler config."""
         if isinstance(source, (str, Path)):
-            return self.scheduler_class.from_pretrained(str(source), subfolder="scheduler", revision=revision)
+            return self.scheduler_class.from_pretrained(str(source), subfolder="scheduler", revision=revision,
+                                                        **kwargs)
         return self.scheduler_class.from_config(source.scheduler.config)
 
     def required_files(self) -> list[str]:
@@ -172,14 +178,13 @@ class ModelFamily:
 
     def default_resolution(self, pretrained_model_name_or_path, revision: str | None = None) -> int:
         """The training resolution when none is given: the VAE's sample_size (as train.py does), else
-        the denoiser's sample_size times the VAE downsampling."""
-        from diffusers import AutoencoderKL  # load_config only reads the folder's config.json
-
-        vae = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", revision=revision)
+        the denoiser's sample_size times the VAE downsampling. The source: a model folder / Hub id, or a
+        loaded pipeline."""
+        vae = component_config(pretrained_model_name_or_path, "vae", revision)
         if "sample_size" in vae:
             size = vae["sample_size"]
             return int(size[0] if isinstance(size, (list, tuple)) else size)
-        den = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder=self.denoiser_attr, revision=revision)
+        den = component_config(pretrained_model_name_or_path, self.denoiser_attr, revision)
         blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
         return int(den.get("sample_size", 64)) * 2 ** (len(blocks) - 1)
 
@@ -204,23 +209,26 @@ class ModelFamily:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (posterior.mean - shift) * vae.config.scaling_factor
 
-    def make_dataset(self, latents, labels, conditioning: dict[str, torch.Tensor]) -> EncodedDataset:
+    def make_dataset(self, latents, labels, conditioning: dict[str, torch.Tensor],
+                     flipped_latents: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None) -> EncodedDataset:
         return ConditionedDataset(latents=latents, labels=labels, prompt_embeds=conditioning[self.main_conditioning],
-                                  conditioning=conditioning)
+                                  flipped_latents=flipped_latents, prompt_ids=prompt_ids, conditioning=conditioning)
 
     @torch.no_grad()
-    def encode_dataset(self, pipe, dataset, batch_size: int = 64, show_progress: bool = True,
-                       **prompt_kwargs) -> EncodedDataset:
+    def encode_dataset(self, pipe, dataset, batch_size: int = 64, show_progress: bool = True, flip: bool = False,
+                       num_workers: int = 0, **prompt_kwargs) -> EncodedDataset:
         """Encode every image of `dataset` ((image in [-1, 1], label) items; ``dataset.prompts`` are the
-        class prompts) once: latents, labels and the per-class conditioning."""
-        latents, labels = [], []
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        for images, batch_labels in tqdm(loader, desc="encoding images", disable=not show_progress):
-            latents.append(self.encode_images(pipe, images))
-            labels.append(batch_labels)
-        latents = torch.cat(latents)
-        conditioning = self.encode_prompts(pipe, list(dataset.prompts), **prompt_kwargs)
-        return self.make_dataset(latents, torch.cat(labels).long().to(latents.device), conditioning)
+        class prompts) once: latents, labels and the per-class (or, with ``dataset.captions``, per-caption)
+        conditioning. flip: also cache each image's mirrored latents (--random_flip); num_workers: the
+        DataLoader's decoding processes."""
+        latents, flipped, labels = encode_images(dataset, lambda images: self.encode_images(pipe, images),
+                                                 batch_size, show_progress, flip, num_workers)
+        prompts, prompt_ids = prompt_table(dataset)
+        chunks = [self.encode_prompts(pipe, prompts[i:i + batch_size], **prompt_kwargs)
+                  for i in range(0, len(prompts), batch_size)]
+        conditioning = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        return self.make_dataset(latents, labels, conditioning, flipped,
+                                 None if prompt_ids is None else prompt_ids.to(latents.device))
 
     # --- the loss ------------------------------------------------------------------------------
     def draw_inputs(self, num_examples: int, latent_shape: tuple[int, ...], noise_scheduler,

@@ -13,8 +13,8 @@ import weakref
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from .base import (ModelFamily, joint_attention_candidates, mean_squared_error, multiplicity,
-                   repeat_conditioning)
+from ..diffusion import mean_squared_error
+from .base import ModelFamily, joint_attention_candidates, multiplicity, repeat_conditioning
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode")  # all with unit loss weighting
 

@@ -5,18 +5,34 @@ from __future__ import annotations
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 
-from ..diffusion import EncodedDataset, draw_diffusion_inputs, encode_dataset, encode_prompts
-from ..diffusion import per_sample_diffusion_loss
-from .base import ModelFamily, mean_squared_error, multiplicity, repeat_conditioning
+from ..diffusion import EncodedDataset, draw_diffusion_inputs, encode_dataset, encode_prompts, mean_squared_error
+from ..diffusion import min_snr_weights, per_sample_diffusion_loss
+from .base import ModelFamily, component_config, multiplicity, repeat_conditioning
 
 
 class _DDPMFamily(ModelFamily):
     denoiser_attr = "unet"
     scheduler_class_name = "DDPMScheduler"
+    loss_options = ("snr_gamma", "noise_offset", "prediction_type")
+
+    def __init__(self, snr_gamma: float | None = None, noise_offset: float = 0.0, prediction_type: str | None = None):
+        """The loss options of diffusers' train_text_to_image_lora.py, each acting per example:
+        snr_gamma: Min-SNR-gamma weight of each example's loss by its own timestep (None: unit weights);
+        noise_offset: std of a per-example, per-channel constant added to its diffusion noise;
+        prediction_type: 'epsilon' or 'v_prediction' target (None: the scheduler's own)."""
+        self.snr_gamma, self.noise_offset, self.prediction_type = snr_gamma, noise_offset, prediction_type
+
+    def noise_scheduler(self, source, revision=None, **kwargs):
+        scheduler = super().noise_scheduler(source, revision, **kwargs)
+        if self.prediction_type is not None:  # as diffusers: register_to_config on the training scheduler
+            scheduler.register_to_config(prediction_type=self.prediction_type)
+        return scheduler
 
     def draw_inputs(self, num_examples, latent_shape, noise_scheduler, generator, device, dtype=torch.float32):
-        """Noise and integer timesteps uniform in [0, num_train_timesteps) (diffusers' scripts)."""
-        return draw_diffusion_inputs(num_examples, latent_shape, noise_scheduler, generator, device, dtype)
+        """Noise (plus noise_offset x N(0, 1) per example and channel) and integer timesteps uniform in
+        [0, num_train_timesteps) (diffusers' scripts)."""
+        return draw_diffusion_inputs(num_examples, latent_shape, noise_scheduler, generator, device, dtype,
+                                     noise_offset=self.noise_offset)
 
     def use_fast_sampler(self, pipe) -> None:
         from ..sampling import use_dpm_solver
@@ -40,26 +56,27 @@ class StableDiffusionFamily(_DDPMFamily):
         return super().load_pipeline(pretrained_model_name_or_path, **kwargs)
 
     def default_resolution(self, pretrained_model_name_or_path, revision=None) -> int:
-        from diffusers import AutoencoderKL
-
-        config = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", revision=revision)
-        return int(config.get("sample_size", 512))
+        return int(component_config(pretrained_model_name_or_path, "vae", revision).get("sample_size", 512))
 
     def encode_prompts(self, pipe, prompts, resolution=None, **kwargs):
         """{"encoder_hidden_states": (K, T, D)}: the text encoder's last hidden states (diffusion.encode_prompts)."""
         return {"encoder_hidden_states": encode_prompts(pipe, prompts)}
 
-    def make_dataset(self, latents, labels, conditioning) -> EncodedDataset:
+    def make_dataset(self, latents, labels, conditioning, flipped_latents=None, prompt_ids=None) -> EncodedDataset:
         # a plain EncodedDataset: batch() gives the (B, T, D) tensor, as every existing caller expects
-        return EncodedDataset(latents=latents, labels=labels, prompt_embeds=conditioning["encoder_hidden_states"])
+        return EncodedDataset(latents=latents, labels=labels, prompt_embeds=conditioning["encoder_hidden_states"],
+                              flipped_latents=flipped_latents, prompt_ids=prompt_ids)
 
-    def encode_dataset(self, pipe, dataset, batch_size=64, show_progress=True, **prompt_kwargs) -> EncodedDataset:
-        return encode_dataset(pipe, dataset, batch_size=batch_size, show_progress=show_progress)
+    def encode_dataset(self, pipe, dataset, batch_size=64, show_progress=True, flip=False, num_workers=0,
+                       **prompt_kwargs) -> EncodedDataset:
+        return encode_dataset(pipe, dataset, batch_size=batch_size, show_progress=show_progress, flip=flip,
+                              num_workers=num_workers)
 
     def per_sample_loss(self, denoiser, noise_scheduler, latents, conditioning, noise, timesteps):
         """diffusion.per_sample_diffusion_loss; conditioning: the (B, T, D) tensor or {"encoder_hidden_states": it}."""
         states = conditioning["encoder_hidden_states"] if isinstance(conditioning, dict) else conditioning
-        return per_sample_diffusion_loss(denoiser, noise_scheduler, latents, states, noise, timesteps)
+        return per_sample_diffusion_loss(denoiser, noise_scheduler, latents, states, noise, timesteps,
+                                         snr_gamma=self.snr_gamma)
 
 
 class StableDiffusionXLFamily(_DDPMFamily):
@@ -103,4 +120,5 @@ class StableDiffusionXLFamily(_DDPMFamily):
         dtype = latents.dtype
         added = {"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)}
         prediction = denoiser(noisy, timesteps, cond["prompt_embeds"].to(dtype), added_cond_kwargs=added).sample
-        return mean_squared_error(prediction, target, batch, k)
+        weights = None if self.snr_gamma is None else min_snr_weights(noise_scheduler, timesteps, self.snr_gamma)
+        return mean_squared_error(prediction, target, batch, k, weights)
