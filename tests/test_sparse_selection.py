@@ -196,6 +196,8 @@ def test_release_loads_with_load_lora_weights_and_reproduces_the_trained_unet(ru
     reference, selection = trained_unet_output(out)
     pipe = load_public_pipeline()
     public = unet_output(pipe)
+    pool = sum(m.weight.numel() if unit == "entry" else m.weight.shape[0]
+               for m in find_candidates(pipe.unet).values())  # public: the base model's shapes
     pipe.load_lora_weights(str(out))
     loaded = unet_output(pipe)
     assert not torch.allclose(loaded, public)
@@ -205,10 +207,11 @@ def test_release_loads_with_load_lora_weights_and_reproduces_the_trained_unet(ru
     weights = load_file(str(out / "adapter_model.safetensors"))
     for name, mask in masks.items():  # the released update B A is the trained delta: zero outside the mask
         prefix = f"base_model.model.{name}"
+        if name not in selection["selected"]:
+            assert not mask.any() and f"{prefix}.lora_B.weight" not in weights
+            continue
         update = weights[f"{prefix}.lora_B.weight"] @ weights[f"{prefix}.lora_A.weight"]
         assert torch.equal(update != 0, mask), name
-    pool = sum(m.weight.numel() if unit == "entry" else m.weight.shape[0]
-               for m in find_candidates(pipe.unet).values())
     assert sum(m["units"] for m in selection["mask"]["matrices"].values()) == round(0.2 * pool)
     assert selection["mask"]["trainable_parameters"] == sum(int(m.sum()) for m in masks.values())
     card = (out / "README.md").read_text()
