@@ -149,8 +149,8 @@ def model_family(source, args) -> ModelFamily:
     options = loss_options(args)
     unsupported = sorted(set(options) - set(family.loss_options))
     if unsupported:
-        raise SystemExit(f"{', '.join('--' + o for o in unsupported)} do(es) not apply to {family.pipeline_class_name} "
-                         f"(flow matching has its own target and weighting); they are DDPM (UNet) options")
+        raise SystemExit(f"{', '.join('--' + o for o in unsupported)}: DDPM (UNet) options only, not for "
+                         f"{family.pipeline_class_name} (flow matching has its own target and weighting)")
     return type(family)(**options) if options else family
 
 
@@ -429,6 +429,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
     model_source = pipeline if pipeline is not None else args.pretrained_model_name_or_path
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
         resolution = args.resolution or family.default_resolution(model_source, args.revision)
+    with input_errors("unsupported --resolution"):
+        family.check_resolution(resolution)
     with input_errors("cannot load the sensitive dataset"):
         dataset = load_sensitive_dataset(
             dataset_object if dataset_object is not None else args.train_data_dir or args.dataset_name,
@@ -618,7 +620,7 @@ def sample_grid(pipe, family: ModelFamily, prompts: list[str], args, resolution:
     family.use_fast_sampler(pipe)
     with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
         return prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0,
-                           height=resolution, width=resolution)
+                           height=resolution, width=resolution, **family.sampling_kwargs())
 
 
 def log_validation(accelerator: Accelerator, work_dir: Path, step: int, grid) -> None:
