@@ -53,6 +53,8 @@ METHODS = {
     "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
     "DP-SGD on LoDA adapters (selected, 003)": ["--adapter", "loda"],
     "DP-SGD on LoDA+ adapters (selected, 003)": ["--adapter", "loda_plus"],
+    "Private sparse selection (entries, 004)": ["--selection_unit", "entry"],
+    "Private sparse selection (rows, 004)": ["--selection_unit", "row"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"

@@ -52,13 +52,14 @@ def random_scores(shapes: dict[str, torch.Size], unit: str, seed: int) -> dict[s
 def top_masks(scores: dict[str, torch.Tensor], k: int, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """The k top-scored units over all matrices as a bool mask (d_out, d_in) per matrix (CPU).
 
-    scores: per matrix (d_out, d_in) entry scores or (d_out,) row scores (rows expand along d_in).
-    Exactly k units are kept (torch.topk), so the count never depends on the scores' values.
+    scores: per matrix (d_out, d_in) entry scores or (d_out,) row scores (rows expand along d_in), all
+    on one device (the top-k runs there). Exactly k units are kept (torch.topk), so the count never
+    depends on the scores' values.
     """
-    flat = torch.cat([s.detach().flatten().float().cpu() for s in scores.values()])
-    keep = torch.zeros(len(flat), dtype=torch.bool)
+    flat = torch.cat([s.detach().flatten().float() for s in scores.values()])
+    keep = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat, k, sorted=False).indices] = True
-    pieces = keep.split([s.numel() for s in scores.values()])
+    pieces = keep.cpu().split([s.numel() for s in scores.values()])
     return {name: _expand(units.view(scores[name].shape), shapes[name]) for name, units in zip(scores, pieces)}
 
 
