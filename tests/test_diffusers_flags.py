@@ -186,6 +186,9 @@ def test_dataset_config_name_and_cache_dir_reach_load_dataset(monkeypatch, tmp_p
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     data_module.load_sensitive_dataset("someone/clothes", config_name="small", cache_dir=str(tmp_path))
     assert seen == {"name": "someone/clothes", "config_name": "small", "split": "train", "cache_dir": str(tmp_path)}
+    from peft_dp_saliency.train import parse_args, tracker_config
+
+    assert "cache_dir" not in tracker_config(parse_args(["--cache_dir", str(tmp_path)]))  # a local path
 
 
 def test_a_tiny_run_with_every_new_flag(tmp_path):

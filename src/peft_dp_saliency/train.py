@@ -656,7 +656,7 @@ def _offset(seed: int | None, offset: int) -> int | None:
 
 # Flags never sent to trackers: credentials and paths of the training machine.
 TRACKER_EXCLUDED_FLAGS = {"hub_token", "output_dir", "checkpoint_dir", "train_data_dir", "dataset_name",
-                          "pretrained_model_name_or_path", "resume_from_checkpoint", "selection_json"}
+                          "pretrained_model_name_or_path", "resume_from_checkpoint", "selection_json", "cache_dir"}
 
 
 def tracker_config(args) -> dict:
