@@ -67,7 +67,8 @@ def test_mask_is_the_top_fraction_of_the_noisy_scores(monkeypatch, unit, score):
     other, _ = sparse_selection(unit, score, data_seed=1)  # other data: another mask, the same number of units
     units = lambda r: sum(m["units"] for m in r.mask["matrices"].values())  # noqa: E731
     assert other.mask["matrices"] != result.mask["matrices"] and units(other) == units(result)
-    pool = sum(m.weight.numel() if unit == "entry" else m.weight.shape[0] for m in find_candidates(tiny_unet()).values())
+    pool = sum(m.weight.numel() if unit == "entry" else m.weight.shape[0]
+               for m in find_candidates(tiny_unet()).values())
     assert units(result) == round(RATIO * pool)
 
 
@@ -231,3 +232,11 @@ def test_sparse_units_take_no_adapter_and_no_rerank(runs, tmp_path):
     with pytest.raises(ValueError, match="sparse selection"):
         load_paid_selection(runs / "entry" / "selection.json")
     assert training_script().parse_args(["--selection_unit", "entry"]).selection_unit == "entry"
+
+
+def test_mixed_precision_trains_fp32_deltas_on_frozen_bf16_weights(tmp_path):
+    out = tmp_path / "bf16"
+    run(out, "--selection_unit", "row", "--mixed_precision", "bf16", samples=16, batch=8)
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert weights and all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+    assert PrivacyReport.load(str(out / "privacy_report.json")).private

@@ -34,7 +34,8 @@ class SaliencyLoraConfig(LoraConfig):
                 "together), or private sparse selection: 'entry' (each weight entry) / 'row' (each row of a matrix), "
                 "whose top fraction becomes a mask; DP-SGD then trains only the masked entries (no LoRA)."})
     selection_ratio: float = field(default=0.3, metadata={
-        "help": "Fraction of units (in (0, 1]) that get adapters: the top-ratio by noisy saliency score."})
+        "help": "Fraction of units (in (0, 1]) that get adapters (for 'entry' / 'row': that are trained): the "
+                "top-ratio by noisy saliency score."})
     selection_strategy: str = field(default="saliency", metadata={
         "help": "'saliency' (DP-SAPF private gradient query), 'random' (data-independent, no privacy cost) "
                 "or 'all' (every candidate, no query: DP-LoRA)."})

@@ -218,7 +218,8 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
         # Exactly round(ratio * U) entries / rows of the pool (U from the public model's shapes): how many
         # are trained never depends on the data, only which, and that is post-processing of the query.
         pool_units = sum(shape.numel() if config.selection_unit == "entry" else shape[0] for shape in shapes.values())
-        k_sparse = pool_units if config.selection_strategy == "all" else number_selected(pool_units, config.selection_ratio)
+        k_sparse = (pool_units if config.selection_strategy == "all"
+                    else number_selected(pool_units, config.selection_ratio))
         masks = top_masks(sparse_scores, k_sparse, shapes)
         chosen_units = [u for u in units if masks[u].any()]
         mask = encode_masks(masks, config.selection_unit)
