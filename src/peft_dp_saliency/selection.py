@@ -4,7 +4,8 @@ The query (one Gaussian mechanism): per-sample gradients of the diffusion loss o
 candidate matrices, clipped jointly to C, summed, divided by N (sensitivity C/N under
 add/remove with N public), plus N(0, (sigma_s C / N)^2) on every coordinate. Scores and the
 top-ratio choice are post-processing. This module never computes epsilon: the mechanism's
-parameters go into the result for the accountant.
+parameters go into the result for the accountant. With the sparse units (entry, row) the same
+noisy gradients are post-processed into a mask inside each matrix instead (sparse.py).
 """
 
 from __future__ import annotations
