@@ -17,8 +17,9 @@ CLIP ViT-L/14 gives. Per (resolution, precision), on one micro-batch of B exampl
 
 bf16 is what diffusers' scripts do with ``--mixed_precision bf16``: frozen weights in bf16, trainable LoRA
 weights in fp32, the forward under ``torch.autocast``; clipping and noise stay fp32 (the engine's own rule).
-Each method runs in a forked copy of the set-up process: one warm-up call, a reset of the kernel's RSS
-high-water mark, one measured call (wall seconds and working memory, see ``_measure.peak_memory_forked``).
+Memory: each method in a forked copy of the set-up process (warm-up call, reset of the RSS high-water
+mark, measured call; ``_measure.peak_memory_forked``). Time: ``--repeats`` calls of each method,
+interleaved in rotating order after a warm-up (``_measure.time_interleaved``); ratios are paired medians.
 Writes docs/benchmarks/full_size.md (``--quick``: a 1/10-width UNet, *_quick.md).
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -168,25 +170,27 @@ def engine_mib_per_example(tokens: int, d_in: int, d_out: int) -> tuple[str, flo
     return ("ghost norm" if ghost else "materialised"), 4 * (tokens * (d_in + d_out) + extra) / 2 ** 20
 
 
-def measure_config(config: dict, resolution: int, precision: str, batch: int) -> tuple[dict, dict]:
+def measure_config(config: dict, resolution: int, precision: str, batch: int, repeats: int) -> tuple[dict, dict]:
+    """Working memory of each method (a forked copy each) and interleaved wall times (``_measure``)."""
     methods, facts = make_methods(config, resolution, precision, batch)
-    results = {}
-    for name, fn in methods.items():
-        results[name] = _measure.peak_memory_forked(fn)
-        print(f"{resolution}px {precision} B={batch} {name}: {results[name]['seconds']:.1f} s, "
-              f"working {results[name]['working']:.0f} MiB", flush=True)
+    results = _measure.measure(methods, repeats)
+    for name, r in results.items():
+        print(f"{resolution}px {precision} B={batch} {name}: median {statistics.median(r['wall']):.2f} s, "
+              f"working {r['memory']['working']:.0f} MiB", flush=True)
     return results, facts
 
 
 def results_table(measured: dict, batch: int) -> str:
-    rows = ["| resolution | precision | method | wall s / step | s / example | working MiB | MiB / example "
-            "| time / non-private | memory / non-private |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| resolution | precision | method | wall s / call (median) | CPU s / call | wall s / example | working MiB "
+            "| MiB / example | time / non-private (paired median) | memory / non-private |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (resolution, precision), results in measured.items():
-        base = results[BASELINE]
         for name, r in results.items():
-            rows.append(f"| {resolution} px | {precision} | {name} | {r['seconds']:.2f} | {r['seconds'] / batch:.2f} "
-                        f"| {r['working']:.0f} | {r['working'] / batch:.0f} | {r['seconds'] / base['seconds']:.2f}x "
-                        f"| {r['working'] / base['working']:.2f}x |")
+            time_ratio, memory_ratio = _measure.ratios(results, name, BASELINE)
+            wall, working = statistics.median(r["wall"]), r["memory"]["working"]
+            rows.append(f"| {resolution} px | {precision} | {name} | {wall:.2f} | {statistics.median(r['cpu']):.2f} "
+                        f"| {wall / batch:.2f} | {working:.0f} "
+                        f"| {working / batch:.0f} | {time_ratio:.2f}x | {memory_ratio:.2f}x |")
     return "\n".join(rows)
 
 
@@ -197,7 +201,7 @@ def gpu_projection(measured: dict, batch: int, weights_gb: dict) -> str:
             "|---|---|---|---:|---:|" + "---:|" * len(GPU_MEMORY_GB)]
     for (resolution, precision), results in measured.items():
         for name, r in results.items():
-            per_example = r["working"] / batch / 1024
+            per_example = r["memory"]["working"] / batch / 1024
             fits = [max(0, math.floor((gb - weights_gb[precision]) / per_example)) for gb in GPU_MEMORY_GB]
             rows.append(f"| {resolution} px | {precision} | {name} | {weights_gb[precision]:.1f} | {per_example:.2f} | "
                         + " | ".join(map(str, fits)) + " |")
@@ -219,9 +223,8 @@ def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: d
     """docs/benchmarks/full_size.md from what is measured so far."""
     bytes_per = {"fp32": 4, "bf16": 2}
     weights_gb = {p: facts["parameters"] * bytes_per[p] / 1e9 for p in PRECISIONS}
-    summary = {f"{res} px {prec}": f"DP-SGD / non-private time {r[DP_STEP]['seconds'] / r[BASELINE]['seconds']:.2f}x, "
-                                   f"memory {r[DP_STEP]['working'] / r[BASELINE]['working']:.2f}x"
-               for (res, prec), r in measured.items()}
+    summary = {f"{res} px {prec}": "DP-SGD / non-private time {:.2f}x, memory {:.2f}x".format(
+        *_measure.ratios(r, DP_STEP, BASELINE)) for (res, prec), r in measured.items()}
     report_facts = {
         "UNet": f"{'SD-1.5 unet/config.json' if not args.quick else '1/10-width SD-1.5 config'}, random weights, "
                 f"{facts['parameters']:,} parameters",
@@ -235,9 +238,8 @@ def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: d
                 engine_table(shapes), "",
                 "## Projection to one GPU (not measured: CPU working memory per example carried over)", "",
                 gpu_projection(measured, args.batch_size, weights_gb)]
-    notes = ["measured: wall seconds and working memory of ONE call (after a warm-up call) in a forked copy "
-             "of the set-up process, 1 thread; 'working' = VmHWM - VmRSS before the call (activations, "
-             "per-example pieces, gradients, optimizer state created in the call).",
+    notes = _measure.measurement_notes("one call (a step: forward, backward, private gradient, AdamW; the "
+                                       "query: forward, backward, clipped sums, noise, scores)") + [
              "projected: micro-batch = floor((GPU GB - UNet weights) / working GB per example); the VAE and "
              "text encoder (~0.4 GB in bf16) are not run in the training loop (the latent cache) and the CUDA "
              "context (~0.5 GB) is not counted; attention on GPU uses SDPA kernels whose memory differs from "
@@ -257,6 +259,7 @@ def main(argv=None):
     parser.add_argument("--resolutions", type=int, nargs="+", default=None, help="Default 256 512 (quick: 64 128).")
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"])
     parser.add_argument("--batch_size", type=int, default=1, help="Examples per micro-batch (B).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed calls per method, interleaved.")
     parser.add_argument("--output", default=None, help="Default docs/benchmarks/full_size[_quick].md.")
     args = parser.parse_args(argv)
     config = QUICK_UNET_CONFIG if args.quick else SD15_UNET_CONFIG
@@ -264,9 +267,10 @@ def main(argv=None):
     output = args.output or _measure.REPO / f"docs/benchmarks/full_size{'_quick' if args.quick else ''}.md"
 
     measured, shapes = {}, {}
-    for precision in args.precisions:
-        for resolution in resolutions:  # the report is rewritten after each configuration
-            measured[(resolution, precision)], facts = measure_config(config, resolution, precision, args.batch_size)
+    for resolution in resolutions:  # the report is rewritten after each configuration
+        for precision in args.precisions:
+            measured[(resolution, precision)], facts = measure_config(config, resolution, precision,
+                                                                      args.batch_size, args.repeats)
             shapes[resolution] = facts["shapes"]
             write_full_report(Path(output), args, measured, facts, shapes)
 

@@ -378,18 +378,18 @@ def imagefolder(root, n=8):
     return root
 
 
-# Sana is left out: its pipeline cannot sample the release grid at these tiny sizes (resolution binning and
-# height/width divisible by 32); its selection, clipping and release are tested through the family above.
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "sana"])
 def test_the_training_command_runs_end_to_end_on_the_family(name, tmp_path):
     """Selection query, 2 DP-SGD steps and the release through peft_dp_saliency.train, then the family's
-    own pipeline loads the adapter and it changes the denoiser."""
+    own pipeline loads the adapter and it changes the denoiser. Sana trains at 32 px: its pipeline samples
+    (the release grid) at multiples of 32 only."""
     from peft_dp_saliency import train
 
     build(name).save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
     train.main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir",
-                str(imagefolder(tmp_path / "data")), "--output_dir", str(out), "--resolution", str(RESOLUTION),
+                str(imagefolder(tmp_path / "data")), "--output_dir", str(out),
+                "--resolution", str(32 if name == "sana" else RESOLUTION),
                 "--max_train_steps", "2", "--expected_batch_size", "4", "--train_batch_size", "4",
                 "--selection_batch_size", "8", "--selection_sample_rate", "1", "--num_validation_images", "1",
                 "--seed", "0", "--learning_rate", "0.05",
@@ -402,3 +402,14 @@ def test_the_training_command_runs_end_to_end_on_the_family(name, tmp_path):
     fresh.load_lora_weights(str(out))
     assert not torch.allclose(denoiser_output(family, fresh, setup(name)[2]), before)
     assert f"from diffusers import {family.pipeline_class_name}" in (out / "README.md").read_text()
+
+
+def test_a_resolution_the_family_cannot_sample_fails_before_anything_is_spent(tmp_path):
+    from peft_dp_saliency import train
+
+    build("sana").save_pretrained(tmp_path / "model")
+    with pytest.raises(SystemExit, match="unsupported --resolution: SanaPipeline samples at multiples of 32"):
+        train.main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir",
+                    str(imagefolder(tmp_path / "data")), "--output_dir", str(tmp_path / "out"),
+                    "--resolution", "16", "--max_sequence_length", "8"])
+    assert not (tmp_path / "out-work" / "ledger.json").exists()

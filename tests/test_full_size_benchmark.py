@@ -20,7 +20,7 @@ def test_the_quick_full_size_benchmark_measures_all_three_methods_and_the_candid
                    capture_output=True)
     text = report.read_text()
     for method in ("non-private LoRA step", "DP-SGD LoRA step (DPSGDStep)", "selection query"):
-        assert re.search(rf"\| 64 px \| fp32 \| {re.escape(method)} \| \d+\.\d\d \|", text), method
+        assert re.search(rf"\| 64 px \| fp32 \| {re.escape(method)} \| \d+\.\d\d \| \d+\.\d\d \|", text), method
     # SD-1.5's layout: 16 transformer blocks (5 per cross-attention level, 1 in the mid block), q/k/v each
     assert "LoRA rank 4 on all 96 attention q/k/v matrices" in text
     shapes = re.findall(r"\| 64 px \| (self|cross)-attn to_(\w) \| (\d+) \| (\d+) \|", text)

@@ -191,6 +191,16 @@ class ModelFamily:
     def use_fast_sampler(self, pipe) -> None:
         """Switch the pipeline to a fast sampler for sample grids (flow families keep their own)."""
 
+    def sampling_kwargs(self) -> dict:
+        """Extra keyword arguments of the pipeline's __call__ for sample grids and synthesis."""
+        return {}
+
+    def check_resolution(self, resolution: int) -> None:
+        """ValueError (before anything is spent) if the family's pipeline cannot sample at `resolution` px."""
+        if resolution % 8:
+            raise ValueError(f"{resolution} px is not a multiple of 8 (the VAE's downsampling factor); "
+                             "choose another --resolution")
+
     # --- data ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, pipe, prompts: list[str], resolution: int | None = None,

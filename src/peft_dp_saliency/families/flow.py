@@ -167,6 +167,16 @@ class SanaFamily(_FlowMatchingFamily):
                                                 complex_human_instruction=complex_human_instruction, **kwargs)
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
+    def sampling_kwargs(self) -> dict:
+        # Resolution binning snaps (height, width) to the aspect-ratio bins of the pretrained checkpoint's
+        # sample_size; the adapter is trained at --resolution, so sample there.
+        return {"use_resolution_binning": False}
+
+    def check_resolution(self, resolution: int) -> None:
+        if resolution % 32:  # SanaPipeline.check_inputs
+            raise ValueError(f"SanaPipeline samples at multiples of 32 px, not {resolution}; choose another "
+                             "--resolution")
+
     @torch.no_grad()
     def encode_images(self, pipe, images):
         vae = pipe.vae  # AutoencoderDC: deterministic latents
