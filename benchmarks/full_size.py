@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
 import statistics
 import warnings
 from pathlib import Path
@@ -180,17 +182,23 @@ def measure_config(config: dict, resolution: int, precision: str, batch: int, re
     return results, facts
 
 
+def cpu_time_ratio(results: dict, method: str) -> float:
+    """Median over rounds of the ratio of process CPU seconds, `method` / the non-private step (paired)."""
+    return statistics.median(x / y for x, y in zip(results[method]["cpu"], results[BASELINE]["cpu"]))
+
+
 def results_table(measured: dict, batch: int) -> str:
     rows = ["| resolution | precision | method | wall s / call (median) | CPU s / call | wall s / example | working MiB "
-            "| MiB / example | time / non-private (paired median) | memory / non-private |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| MiB / example | wall / non-private (paired median) | CPU / non-private (paired median) "
+            "| memory / non-private |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (resolution, precision), results in measured.items():
         for name, r in results.items():
             time_ratio, memory_ratio = _measure.ratios(results, name, BASELINE)
+            cpu_ratio = cpu_time_ratio(results, name)
             wall, working = statistics.median(r["wall"]), r["memory"]["working"]
             rows.append(f"| {resolution} px | {precision} | {name} | {wall:.2f} | {statistics.median(r['cpu']):.2f} "
                         f"| {wall / batch:.2f} | {working:.0f} "
-                        f"| {working / batch:.0f} | {time_ratio:.2f}x | {memory_ratio:.2f}x |")
+                        f"| {working / batch:.0f} | {time_ratio:.2f}x | {cpu_ratio:.2f}x | {memory_ratio:.2f}x |")
     return "\n".join(rows)
 
 
@@ -219,12 +227,14 @@ def engine_table(shapes_by_resolution: dict[int, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: dict) -> None:
+def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: dict, loads: dict) -> None:
     """docs/benchmarks/full_size.md from what is measured so far."""
     bytes_per = {"fp32": 4, "bf16": 2}
     weights_gb = {p: facts["parameters"] * bytes_per[p] / 1e9 for p in PRECISIONS}
-    summary = {f"{res} px {prec}": "DP-SGD / non-private time {:.2f}x, memory {:.2f}x".format(
-        *_measure.ratios(r, DP_STEP, BASELINE)) for (res, prec), r in measured.items()}
+    summary = {f"{res} px {prec}": "DP-SGD / non-private: wall {:.2f}x, CPU {:.2f}x, memory {:.2f}x "
+                                   "(load average {:.1f} when measured)".format(
+        _measure.ratios(r, DP_STEP, BASELINE)[0], cpu_time_ratio(r, DP_STEP), _measure.ratios(r, DP_STEP, BASELINE)[1],
+        loads[(res, prec)][0]) for (res, prec), r in measured.items()}
     report_facts = {
         "UNet": f"{'SD-1.5 unet/config.json' if not args.quick else '1/10-width SD-1.5 config'}, random weights, "
                 f"{facts['parameters']:,} parameters",
@@ -266,13 +276,26 @@ def main(argv=None):
     resolutions = args.resolutions or ([64, 128] if args.quick else [256, 512])
     output = args.output or _measure.REPO / f"docs/benchmarks/full_size{'_quick' if args.quick else ''}.md"
 
-    measured, shapes = {}, {}
-    for resolution in resolutions:  # the report is rewritten after each configuration
+    # Resumable: each configuration's raw measurements go to <output>.json as it finishes; a configuration
+    # already there (same UNet, B and repeats) is not measured again. The report is rewritten each time.
+    raw_path = Path(output).with_suffix(".json")
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    setup = {"quick": args.quick, "batch_size": args.batch_size, "repeats": args.repeats}
+    if raw.get("setup") != setup:
+        raw = {"setup": setup, "configurations": {}}
+    for resolution in resolutions:
         for precision in args.precisions:
-            measured[(resolution, precision)], facts = measure_config(config, resolution, precision,
-                                                                      args.batch_size, args.repeats)
-            shapes[resolution] = facts["shapes"]
-            write_full_report(Path(output), args, measured, facts, shapes)
+            key = f"{resolution} {precision}"
+            if key not in raw["configurations"]:
+                results, facts = measure_config(config, resolution, precision, args.batch_size, args.repeats)
+                raw["configurations"][key] = {"results": results, "facts": facts,
+                                              "load_average": os.getloadavg()}
+                raw_path.write_text(json.dumps(raw, indent=1))
+            done = {tuple(k.split()): v for k, v in raw["configurations"].items()}
+            measured = {(int(res), prec): v["results"] for (res, prec), v in done.items()}
+            shapes = {int(res): v["facts"]["shapes"] for (res, _), v in done.items()}
+            loads = {(int(res), prec): v["load_average"] for (res, prec), v in done.items()}
+            write_full_report(Path(output), args, measured, raw["configurations"][key]["facts"], shapes, loads)
 
 
 if __name__ == "__main__":
