@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, RUNS, SCALE, SEEDS, slug
+from quality import CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, RUNS, SCALE, SEEDS, slug
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -49,18 +49,83 @@ def cell(r: dict | None) -> str:
             f"({len(r['seeds'])} seeds)")
 
 
+def trainable_parameters(method: str, epsilons=EPSILONS) -> str:
+    """Trained coordinates of the method's seed-0 run at epsilon 10 (else 1): the entries of the checkpoint's
+    trainable.safetensors (LoRA A/B, LoDA's maps, full matrices, or the sparse runs' masked deltas)."""
+    from safetensors import safe_open
+
+    for eps in epsilons:
+        checkpoints = sorted((RUNS / f"{slug(method, eps, '0')}-work").glob("checkpoint-*/trainable.safetensors"))
+        if checkpoints:
+            with safe_open(str(checkpoints[-1]), "pt") as f:
+                return f"{sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()):,}"
+    return "?"
+
+
 def main_table(table: dict) -> str:
-    rows = ["| method | " + " | ".join(f"eps={e}: FID / Acc (%)" for e in EPSILONS) + " |",
-            "|---|" + "---|" * len(EPSILONS)]
+    rows = ["| method | trained parameters | " + " | ".join(f"eps={e}: FID / Acc (%)" for e in EPSILONS) + " |",
+            "|---|---:|" + "---|" * len(EPSILONS)]
     for method in METHODS:
         cells = []
         for eps in EPSILONS:
             cells.append(cell(table.get(method, {}).get(eps)))
-        rows.append(f"| {method} | " + " | ".join(cells) + " |")
-    for method in (NON_PRIVATE[0], PUBLIC):
-        reference = cell(table.get(method, {}).get("inf"))
-        rows.append(f"| {method} | " + " | ".join([reference] * len(EPSILONS)) + " (no DP) |")
+        rows.append(f"| {method} | {trainable_parameters(method)} | " + " | ".join(cells) + " |")
+    rows.append(f"| {NON_PRIVATE[0]} | {trainable_parameters(NON_PRIVATE[0], ('inf',))} | "
+                + " | ".join([cell(table.get(NON_PRIVATE[0], {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
+    rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
+                + " (no DP) |")
     return "\n".join(rows)
+
+
+CURVE_METHODS = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
+
+
+def accuracy_curve(table: dict) -> str:
+    """docs/results/accuracy_vs_epsilon.png: downstream accuracy (mean, +- std bars where seeded) of DP-SAPF and
+    DP-LoRA at each epsilon run, 'inf' = LoRA without DP, the public model as a dashed line.
+
+    Drawn with PIL: matplotlib is not a dependency of the project and two polylines do not justify one."""
+    from PIL import Image, ImageDraw
+
+    epsilons = sorted({*EPSILONS, *CURVE_EPSILONS}, key=float) + ["inf"]
+    width, height, left, bottom, top = 640, 400, 60, 50, 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    accs = [r["acc"] for m in (*CURVE_METHODS, NON_PRIVATE[0], PUBLIC) for r in table.get(m, {}).values()]
+    if not accs:
+        return ""
+    low, high = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1)
+    x_of = {e: left + (i + 0.5) * (width - left - 20) / len(epsilons) for i, e in enumerate(epsilons)}
+    y_of = lambda a: top + (high - a) / (high - low) * (height - top - bottom)
+    draw.line([(left, top), (left, height - bottom), (width - 10, height - bottom)], fill="black")
+    for step in np.arange(np.ceil(low * 10) / 10, high + 1e-9, 0.1):
+        draw.text((8, y_of(step) - 6), f"{100 * step:.0f}%", fill="black")
+        draw.line([(left - 4, y_of(step)), (left, y_of(step))], fill="black")
+    for e, x in x_of.items():
+        draw.text((x - 10, height - bottom + 8), f"eps {e}", fill="black")
+    public = table.get(PUBLIC, {}).get("inf")
+    if public:
+        for x in range(left, width - 10, 12):
+            draw.line([(x, y_of(public["acc"])), (x + 6, y_of(public["acc"]))], fill="gray")
+        draw.text((left + 4, y_of(public["acc"]) + 2), "public model", fill="gray")
+    for method, colour, shift in zip(CURVE_METHODS, ("blue", "red"), (-4, 4)):
+        points = []
+        for e in epsilons:
+            r = table.get(NON_PRIVATE[0] if e == "inf" else method, {}).get(e)
+            if r is None:
+                continue
+            x, y = x_of[e] + shift, y_of(r["acc"])
+            points.append((x, y))
+            if r["acc_std"]:
+                draw.line([(x, y_of(r["acc"] - r["acc_std"])), (x, y_of(r["acc"] + r["acc_std"]))], fill=colour)
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        draw.text((width - 200, top + 16 * CURVE_METHODS.index(method)), method, fill=colour)
+    draw.text((left, height - 18), "downstream accuracy (ResNet-8 on synthetic, tested on real); "
+                                   "inf = LoRA without DP", fill="black")
+    image.save(RESULTS / "accuracy_vs_epsilon.png")
+    return "![accuracy vs epsilon](results/accuracy_vs_epsilon.png)"
 
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
@@ -145,6 +210,10 @@ the synthetic images (epoch picked on a held-out synthetic split).
 ## FID (lower is better) / downstream accuracy (higher is better)
 
 {main_table(table)}
+
+## Accuracy vs epsilon (DP-SAPF and DP-LoRA; bars: +- 1 std over seeds where seeded)
+
+{accuracy_curve(table)}
 
 ## Samples at epsilon = 10 (seed 0; each grid: one row per class, from the run's samples.png)
 
