@@ -34,8 +34,8 @@ def recording_diffusion_inputs(monkeypatch):
     drawn = []
     original = diffusion.draw_diffusion_inputs
 
-    def recording(num_examples, latent_shape, noise_scheduler, generator, device, dtype=torch.float32):
-        noise, timesteps = original(num_examples, latent_shape, noise_scheduler, generator, device, dtype)
+    def recording(num_examples, latent_shape, noise_scheduler, generator, device, dtype=torch.float32, **options):
+        noise, timesteps = original(num_examples, latent_shape, noise_scheduler, generator, device, dtype, **options)
         drawn.append((noise.clone(), timesteps.clone(), generator.initial_seed()))
         return noise, timesteps
 
