@@ -140,14 +140,18 @@ def main():
     p.add_argument("--seeds", nargs="+", default=list(SEEDS), help="Seeds of the seeded main comparison.")
     args = p.parse_args()
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
-    # at epsilon 10 over the seeds, the two references, then epsilon 1, then epsilon 2 and 5 (one seed, for
-    # the accuracy-vs-epsilon curve), then one seed of every variant (epsilon 10 first).
+    # at epsilon 10 over the seeds, the two references, then epsilon 1, then the LoDA and sparse-selection
+    # rows of the seed papers 003/004, then epsilon 2 and 5 (one seed, for the accuracy-vs-epsilon curve),
+    # then one seed of every other variant (epsilon 10 first).
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
+    seed_methods = [m for m in METHODS if "003" in m or "004" in m]  # the other papers' methods (issue 15)
+    plan += [(m, e, METHODS[m], "0") for e in EPSILONS for m in seed_methods]
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
-    plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items() if m not in main_methods]
+    plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
+             if m not in main_methods and m not in seed_methods]
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}
