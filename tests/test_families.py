@@ -413,3 +413,20 @@ def test_a_resolution_the_family_cannot_sample_fails_before_anything_is_spent(tm
                     str(imagefolder(tmp_path / "data")), "--output_dir", str(tmp_path / "out"),
                     "--resolution", "16", "--max_sequence_length", "8"])
     assert not (tmp_path / "out-work" / "ledger.json").exists()
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_the_select_command_runs_on_the_family(name, tmp_path):
+    """python -m peft_dp_saliency.select goes through the same family seam as training."""
+    from peft_dp_saliency import select
+
+    build(name).save_pretrained(tmp_path / "model")
+    out = tmp_path / "selection.json"
+    select.main(["--pretrained_model_name_or_path", str(tmp_path / "model"), "--train_data_dir",
+                 str(imagefolder(tmp_path / "data")), "--resolution", str(RESOLUTION), "--output_json", str(out),
+                 "--selection_sample_rate", "1", "--selection_batch_size", "8", "--target_epsilon", "4",
+                 *(["--max_sequence_length", "8"] if name != "sdxl" else [])])
+    result = json.loads(out.read_text())
+    candidates = get_family(name).candidates(get_family(name).denoiser(build(name)), "attn_qkv")
+    assert {m for members in result["units"].values() for m in members} == set(candidates)
+    assert result["selected"] and result["privacy"]["epsilon"]["pld"] > 0

@@ -22,7 +22,8 @@ from .training_config import SELECTION_FLAGS, arguments_subset, parse_args
 SelectArguments = arguments_subset(
     "SelectArguments",
     ["pretrained_model_name_or_path", "dataset_name", "train_data_dir", "max_train_samples", "resolution",
-     "target_delta", "target_epsilon", "seed", "class_names", "adjacency", "deterministic_noise", *SELECTION_FLAGS],
+     "target_delta", "target_epsilon", "seed", "class_names", "adjacency", "deterministic_noise",
+     "max_sequence_length", *SELECTION_FLAGS],
     extra=(("output_json", str, field(metadata={"help": "Where the selection (JSON) is written."})),))
 
 
@@ -45,31 +46,34 @@ def config_from_args(args, seed: int | None, selection_noise_multiplier: float, 
 
 
 def main(argv=None) -> dict:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
     from .data import load_sensitive_dataset
-    from .diffusion import encode_dataset
+    from .families import detect_family
     from .selection import select_target_modules
 
     args = parse_args(argv, SelectArguments, description=__doc__)
     logging.basicConfig(level=logging.INFO)
 
+    family = detect_family(args.pretrained_model_name_or_path)  # SD, SDXL, SD3, Flux, Sana; else a clear error
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
-    pipe.unet.requires_grad_(False)
-    resolution = args.resolution or int(pipe.vae.config.sample_size)
+    pipe = family.load_pipeline(args.pretrained_model_name_or_path).to(device)
+    for module in family.frozen_modules(pipe):
+        module.requires_grad_(False)
+    resolution = args.resolution or family.default_resolution(args.pretrained_model_name_or_path)
+    family.check_resolution(resolution)
     dataset = load_sensitive_dataset(args.train_data_dir or args.dataset_name, resolution=resolution,
                                      class_names=args.class_names, max_examples=args.max_train_samples)
     delta = args.target_delta if args.target_delta is not None else accounting.default_delta(len(dataset))
     accounting.check_delta(delta, len(dataset))
-    data = encode_dataset(pipe, dataset, batch_size=args.selection_batch_size)
+    sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+    data = family.encode_dataset(pipe, dataset, batch_size=args.selection_batch_size, resolution=resolution,
+                                 **sequence)
     sigma_s = args.selection_noise_multiplier or accounting.selection_noise_for_budget(
         args.selection_budget_fraction * args.target_epsilon, delta, args.adjacency, len(dataset),
         args.selection_sample_rate)
     config = config_from_args(args, args.seed, sigma_s)
-    scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    result = select_target_modules(pipe.unet, scheduler, data, config, args.selection_batch_size)
+    scheduler = family.noise_scheduler(args.pretrained_model_name_or_path)
+    result = select_target_modules(family.denoiser(pipe), scheduler, data, config, args.selection_batch_size,
+                                   family=family)
     out = result.to_dict()
     if result.mechanism is not None:
         stages = [accounting.selection_stage(config.selection_noise_multiplier, config.selection_max_grad_norm,
