@@ -34,7 +34,9 @@ def parse_args(argv=None):
                         "saved dataset, or a DPImageBench gen.npz (its labels are the real set's).")
     p.add_argument("--real", default="fashion-mnist",
                    help="Real data source, as for training: fashion-mnist, a folder or a Hub name.")
-    p.add_argument("--real_split", default="test")
+    p.add_argument("--real_split", default="test",
+                   help="test: the reported numbers; validation (Fashion-MNIST: the last 10,000 training images): "
+                        "for choosing hyperparameters without reading the test split (train on <= 50,000 then).")
     p.add_argument("--resolution", type=int, default=32, help="Both sets are compared at R x R.")
     p.add_argument("--output_json", type=Path, required=True)
     p.add_argument("--feature_network", choices=FEATURE_NETWORKS, default="auto",

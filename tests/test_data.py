@@ -65,7 +65,7 @@ def test_fashion_mnist_test_split_resolution_and_max_examples():
     small = load_sensitive_dataset(split="test", max_examples=5)
     assert len(small) == 5 and torch.equal(small.labels, ds.labels[:5])
     with pytest.raises(ValueError, match="split"):
-        load_sensitive_dataset(split="validation")
+        load_sensitive_dataset(split="dev")
 
 
 def test_fashion_mnist_missing_files_says_how_to_install(tmp_path, monkeypatch):
@@ -184,3 +184,11 @@ def test_prompt_overrides(folder):
         load_sensitive_dataset(str(folder), prompts=["only one"])
     with pytest.raises(ValueError, match="prompt_template"):
         load_sensitive_dataset(str(folder), prompt_template="no placeholder")
+
+
+def test_the_fashion_mnist_validation_split_is_the_last_10000_training_images(fmnist_train):
+    validation = load_sensitive_dataset(split="validation", max_examples=5)
+    assert len(load_sensitive_dataset(split="validation")) == 10_000
+    for index in range(5):
+        assert torch.equal(validation[index][0], fmnist_train[50_000 + index][0])
+    assert validation.labels.tolist() == fmnist_train.labels[50_000:50_005].tolist()

@@ -83,7 +83,10 @@ from torch.utils.data import Dataset
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}
+FASHION_MNIST_SPLITS = {"train": "train", "validation": "train", "test": "t10k"}
+# "validation": the last 10,000 training images, for choosing hyperparameters without reading the test split;
+# a run tuned on it must train on the first 50,000 at most (--max_train_samples 50000) to keep it held out.
+FASHION_MNIST_VALIDATION = slice(50_000, 60_000)
 DEFAULT_PROMPT_TEMPLATE = "An image of a {}"
 MAX_LISTED_PROBLEMS = 20
 
@@ -160,7 +163,8 @@ def load_sensitive_dataset(source: str | datasets.Dataset | None = None, *, spli
     Args:
         source: None or "fashion-mnist" (Debian files), a folder (imagefolder or a
             `save_to_disk` dataset), a Hub dataset name or a loaded ``datasets.Dataset``.
-        split: "train" or "test" for Fashion-MNIST; any split name for `datasets` sources.
+        split: "train" (60,000), "validation" (the last 10,000 of train) or "test" for Fashion-MNIST; any
+            split name for `datasets` sources.
         resolution: R, output images are (3, R, R).
         image_column, label_column: columns of a `datasets` source ("img" is tried when
             the default "image" column is absent).
@@ -344,6 +348,8 @@ def _load_fashion_mnist(split: str, max_examples: int | None):
     if len(pixels) != len(labels) or pixels.shape[1:] != (28, 28) or labels.max() >= 10:
         raise ValueError(f"{image_file} / {label_file} are inconsistent (shapes {pixels.shape}, "
                          f"{labels.shape}); reinstall dataset-fashion-mnist")
+    if split == "validation":
+        pixels, labels = pixels[FASHION_MNIST_VALIDATION], labels[FASHION_MNIST_VALIDATION]
     pixels, labels = pixels[:max_examples], labels[:max_examples]
     origin = f"Fashion-MNIST (Debian dataset-fashion-mnist), split {split!r}"
     return (_FashionMnistImages(torch.from_numpy(pixels)), torch.from_numpy(labels.astype(np.int64)),
