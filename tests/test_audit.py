@@ -1,8 +1,6 @@
 """The privacy audit: Clopper-Pearson bounds, the epsilon lower bound, canaries, scores, a tiny run."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -112,11 +110,9 @@ def test_mean_diffusion_loss_uses_fixed_pairs_independent_of_batching():
 
 
 def test_tiny_audit_run_end_to_end(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "audit_example", Path(__file__).resolve().parents[1] / "examples" / "audit.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    results = example.main(["--output_dir", str(tmp_path), "--target_epsilons", "inf", "10",
+    from peft_dp_saliency.commands import audit as audit_command
+
+    results = audit_command.main(["--output_dir", str(tmp_path), "--target_epsilons", "inf", "10",
                             "--num_canaries", "8", "--base_samples", "12", "--max_train_steps", "2",
                             "--expected_batch_size", "4", "--train_batch_size", "4",
                             "--timesteps", "100", "--noises_per_timestep", "1", "--target_delta", "1e-3"])

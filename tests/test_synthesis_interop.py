@@ -26,13 +26,9 @@ HUB_SIZE_CATEGORIES = {"n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"
 
 
 def synthesize_script():
-    import importlib.util
+    from peft_dp_saliency.commands import synthesize
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "synthesize.py"
-    spec = importlib.util.spec_from_file_location("synthesize", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return synthesize
 
 
 @pytest.fixture()
@@ -105,7 +101,7 @@ def test_evaluation_reads_a_gen_npz_as_the_synthetic_set(pngs, tmp_path):
 
 
 def test_evaluate_script_scores_a_gen_npz(pngs, tmp_path):
-    import importlib.util
+    from peft_dp_saliency.commands import evaluate
 
     real = datasets.Dataset.from_dict(
         {"image": [Image.open(p) for class_paths in pngs.values() for p in class_paths] * 2,
@@ -113,11 +109,7 @@ def test_evaluate_script_scores_a_gen_npz(pngs, tmp_path):
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)}))
     real.save_to_disk(str(tmp_path / "real"))
     npz = dpimagebench.write_gen_npz(pngs, tmp_path / "gen.npz")
-    spec = importlib.util.spec_from_file_location("evaluate", Path(__file__).resolve().parents[1] / "examples" /
-                                                  "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    results = script.main(["--synthetic_dir", str(npz), "--real", str(tmp_path / "real"), "--output_json",
+    results = evaluate.main(["--synthetic_dir", str(npz), "--real", str(tmp_path / "real"), "--output_json",
                            str(tmp_path / "results.json"), "--epochs", "1", "--feature_network", "random-cnn",
                            "--device", "cpu", "--nearest_k", "1", "--held_out_fraction", "0.5"])
     assert results["num_synthetic"] == 4 and results["num_real"] == 8

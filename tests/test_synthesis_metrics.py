@@ -1,6 +1,6 @@
 """Synthetic dataset generation (layout, labels, determinism, resume) and its quality metrics."""
 
-import importlib.util
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -21,17 +21,14 @@ from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, load_public_pipel
 from peft_dp_saliency.sampling import use_dpm_solver
 
 datasets.disable_progress_bars()
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CLASSES = ["T-shirt/top", "Trouser"]
 PROMPTS = ["An image of a T-shirt", "An image of a trouser"]
 SETTINGS = dict(images_per_class=3, seed=7, num_inference_steps=2, batch_size=2, show_progress=False)
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind examples/<name>.py (peft_dp_saliency.commands.<name>)."""
+    return importlib.import_module(f"peft_dp_saliency.commands.{name}")
 
 
 def _pixels(paths: dict) -> list[np.ndarray]:
