@@ -150,7 +150,7 @@ def peak_memory_forked(fn) -> dict[str, float]:
     """Peak RSS (MiB) of `fn()` in a forked copy of this process: warm-up call, trim, reset, measured call.
 
     Returns baseline (RSS before the measured call), peak (VmHWM during it), working = peak - baseline
-    (MiB) and the measured call's wall seconds.
+    (MiB) and the measured call's wall and process CPU seconds.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -163,12 +163,12 @@ def peak_memory_forked(fn) -> dict[str, float]:
             baseline = _status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the RSS high-water mark to the current RSS
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             peak = _status_kib("VmHWM")
             payload = {"baseline": baseline / 1024, "peak": peak / 1024, "working": (peak - baseline) / 1024,
-                       "seconds": seconds}
+                       "seconds": seconds, "cpu_seconds": cpu_seconds}
         except BaseException:  # report, do not unwind into the parent's code
             payload = {"error": traceback.format_exc()}
         os.write(write_end, json.dumps(payload).encode())

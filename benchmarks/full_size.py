@@ -175,7 +175,12 @@ def engine_mib_per_example(tokens: int, d_in: int, d_out: int) -> tuple[str, flo
 def measure_config(config: dict, resolution: int, precision: str, batch: int, repeats: int) -> tuple[dict, dict]:
     """Working memory of each method (a forked copy each) and interleaved wall times (``_measure``)."""
     methods, facts = make_methods(config, resolution, precision, batch)
-    results = _measure.measure(methods, repeats)
+    if repeats:
+        results = _measure.measure(methods, repeats)
+    else:  # memory only; the time is that of the forked measured call (one sample)
+        memory = {name: _measure.peak_memory_forked(fn) for name, fn in methods.items()}
+        results = {name: {"memory": m, "wall": [m["seconds"]], "cpu": [m["cpu_seconds"]]}
+                   for name, m in memory.items()}
     for name, r in results.items():
         print(f"{resolution}px {precision} B={batch} {name}: median {statistics.median(r['wall']):.2f} s, "
               f"working {r['memory']['working']:.0f} MiB", flush=True)
@@ -232,9 +237,9 @@ def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: d
     bytes_per = {"fp32": 4, "bf16": 2}
     weights_gb = {p: facts["parameters"] * bytes_per[p] / 1e9 for p in PRECISIONS}
     summary = {f"{res} px {prec}": "DP-SGD / non-private: wall {:.2f}x, CPU {:.2f}x, memory {:.2f}x "
-                                   "(load average {:.1f} when measured)".format(
+                                   "(load average {:.1f} when measured; {} timed call(s) per method)".format(
         _measure.ratios(r, DP_STEP, BASELINE)[0], cpu_time_ratio(r, DP_STEP), _measure.ratios(r, DP_STEP, BASELINE)[1],
-        loads[(res, prec)][0]) for (res, prec), r in measured.items()}
+        *loads[(res, prec)]) for (res, prec), r in measured.items()}
     report_facts = {
         "UNet": f"{'SD-1.5 unet/config.json' if not args.quick else '1/10-width SD-1.5 config'}, random weights, "
                 f"{facts['parameters']:,} parameters",
@@ -269,7 +274,8 @@ def main(argv=None):
     parser.add_argument("--resolutions", type=int, nargs="+", default=None, help="Default 256 512 (quick: 64 128).")
     parser.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=["fp32", "bf16"])
     parser.add_argument("--batch_size", type=int, default=1, help="Examples per micro-batch (B).")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed calls per method, interleaved.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Timed calls per method, interleaved; 0: only the forked memory call is timed.")
     parser.add_argument("--output", default=None, help="Default docs/benchmarks/full_size[_quick].md.")
     args = parser.parse_args(argv)
     config = QUICK_UNET_CONFIG if args.quick else SD15_UNET_CONFIG
@@ -277,10 +283,10 @@ def main(argv=None):
     output = args.output or _measure.REPO / f"docs/benchmarks/full_size{'_quick' if args.quick else ''}.md"
 
     # Resumable: each configuration's raw measurements go to <output>.json as it finishes; a configuration
-    # already there (same UNet, B and repeats) is not measured again. The report is rewritten each time.
+    # already there (same UNet and B) is not measured again. The report is rewritten each time.
     raw_path = Path(output).with_suffix(".json")
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    setup = {"quick": args.quick, "batch_size": args.batch_size, "repeats": args.repeats}
+    setup = {"quick": args.quick, "batch_size": args.batch_size}
     if raw.get("setup") != setup:
         raw = {"setup": setup, "configurations": {}}
     for resolution in resolutions:
@@ -288,13 +294,14 @@ def main(argv=None):
             key = f"{resolution} {precision}"
             if key not in raw["configurations"]:
                 results, facts = measure_config(config, resolution, precision, args.batch_size, args.repeats)
-                raw["configurations"][key] = {"results": results, "facts": facts,
+                raw["configurations"][key] = {"results": results, "facts": facts, "repeats": args.repeats,
                                               "load_average": os.getloadavg()}
                 raw_path.write_text(json.dumps(raw, indent=1))
             done = {tuple(k.split()): v for k, v in raw["configurations"].items()}
             measured = {(int(res), prec): v["results"] for (res, prec), v in done.items()}
             shapes = {int(res): v["facts"]["shapes"] for (res, _), v in done.items()}
-            loads = {(int(res), prec): v["load_average"] for (res, prec), v in done.items()}
+            loads = {(int(res), prec): (v["load_average"][0], v.get("repeats", args.repeats) or "1 (the memory call's)")
+                     for (res, prec), v in done.items()}
             write_full_report(Path(output), args, measured, raw["configurations"][key]["facts"], shapes, loads)
 
 
