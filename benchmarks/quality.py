@@ -147,7 +147,8 @@ def main():
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
-    seed_methods = [m for m in METHODS if "003" in m or "004" in m]  # the other papers' methods (issue 15)
+    # the other papers' methods (issue 15), LoDA and sparse entries first
+    seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
     plan += [(m, e, METHODS[m], "0") for e in EPSILONS for m in seed_methods]
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
