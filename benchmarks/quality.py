@@ -2,6 +2,7 @@
 """Results benchmark: every method of the paper's Table 5 through the same training code.
 
     python benchmarks/quality.py [--jobs 2] [--only DP-SAPF] [--seeds 0 1 2] && python benchmarks/render_results.py
+    python benchmarks/quality.py --ablation   # DP-SAPF's ablation, scored on the validation split (tuning)
 
 For each (method, epsilon, seed): examples/train_dp_sapf.py -> examples/synthesize.py -> examples/evaluate.py,
 each a subprocess (OMP_NUM_THREADS=1, --jobs in parallel). A finished run's JSON in docs/results/
@@ -56,6 +57,21 @@ METHODS = {
     "Private sparse selection (entries, 004)": ["--selection_unit", "entry"],
     "Private sparse selection (rows, 004)": ["--selection_unit", "row"],
 }
+# Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
+# 50,000-59,999, never trained on at N = 10,000) so that choosing defaults from it never reads the test split.
+# Later flags override SCALE's (same compute unless the name says otherwise).
+ABLATION = {
+    "defaults": [],
+    "K = 4 draws per example (4x compute)": ["--noise_multiplicity", "4"],
+    "EMA 0.99": ["--use_ema", "--ema_decay", "0.99"],
+    "batch 512 x 75 steps (same compute)": ["--expected_batch_size", "512", "--max_train_steps", "75"],
+    "batch 128 x 300 steps (same compute)": ["--expected_batch_size", "128", "--max_train_steps", "300"],
+    "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
+    "flat clipping C = 0.05": ["--clipping", "flat", "--selection_clipping", "flat", "--max_grad_norm", "0.05",
+                               "--selection_max_grad_norm", "0.05"],
+    "selection budget 5%": ["--selection_budget_fraction", "0.05"],
+    "selection budget 20%": ["--selection_budget_fraction", "0.2"],
+}
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"
 
@@ -77,10 +93,12 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
-def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str = "0") -> Path:
-    """Train (unless public), synthesize, evaluate; write docs/results/<slug>.json."""
-    key = slug(method, epsilon, seed)
-    result_file = RESULTS / f"{key}.json"
+def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str = "0",
+            real_split: str = "test") -> Path:
+    """Train (unless public), synthesize, evaluate on `real_split`; write docs/results/<slug>.json (the
+    validation-split runs of the ablation: docs/results/ablation/<slug>.json, run folders ablation-<slug>)."""
+    key = slug(method, epsilon, seed) if real_split == "test" else f"ablation-{slug(method, epsilon, seed)}"
+    result_file = (RESULTS if real_split == "test" else RESULTS / "ablation") / f"{slug(method, epsilon, seed)}.json"
     if result_file.exists():
         return result_file
     run_dir, log = RUNS / key, RUNS / f"{key}.log"
@@ -109,7 +127,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
     metrics_file = RUNS / f"{key}-metrics.json"
     stages["evaluation"] = run_measured([
         python, "examples/evaluate.py", "--synthetic_dir", str(synthetic), "--output_json", str(metrics_file),
-        "--epochs", str(SCALE["classifier_epochs"])], log)
+        "--epochs", str(SCALE["classifier_epochs"]), "--real_split", real_split], log)
     result = {"method": method, "epsilon": epsilon, "seed": seed, "scale": SCALE, "stages": stages,
               "load_average_at_end": os.getloadavg(), **json.loads(metrics_file.read_text())}
     if train_flags is not None:
@@ -121,7 +139,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
                       train_timings=json.loads(timings.read_text()) if timings.exists() else None,
                       command=f"python examples/train_dp_sapf.py --target_epsilon {epsilon} "
                               + " ".join(train_flags))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
     return result_file
 
@@ -138,7 +156,12 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--only", default=None, help="Run only methods whose name contains this text.")
     p.add_argument("--seeds", nargs="+", default=list(SEEDS), help="Seeds of the seeded main comparison.")
+    p.add_argument("--ablation", action="store_true",
+                   help="Run the ablation (ABLATION, DP-SAPF at epsilon 10, scored on the validation split) instead.")
     args = p.parse_args()
+    if args.ablation:
+        plan = [(f"DP-SAPF ablation: {name}", "10", flags, "0", "validation") for name, flags in ABLATION.items()]
+        return run_plan(plan, args)
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
     # at epsilon 10 over the seeds, the two references, then epsilon 1, then the LoDA and sparse-selection
     # rows of the seed papers 003/004, then epsilon 2 and 5 (one seed, for the accuracy-vs-epsilon curve),
@@ -153,10 +176,15 @@ def main():
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
              if m not in main_methods and m not in seed_methods]
+    run_plan(plan, args)
+
+
+def run_plan(plan: list[tuple], args) -> None:
+    """Run (method, epsilon, flags, seed[, real_split]) items, --jobs at a time; report and go on after a failure."""
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}
-        for future, (method, epsilon, _, seed) in futures.items():
+        for future, (method, epsilon, _, seed, *_) in futures.items():
             try:
                 print(f"done: {method} eps={epsilon} seed={seed} -> {future.result()}", flush=True)
             except Exception as error:  # report and continue with the other runs
