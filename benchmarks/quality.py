@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
 RUNS = ROOT / "runs" / "quality"
+SAMPLES = RESULTS / "samples"  # each seed-0 run's sample grid, <slug>.png
 
 SCALE = {
     "max_train_samples": 10000,    # N: the first 10,000 Fashion-MNIST training images
@@ -62,8 +65,8 @@ METHODS = {
 # Later flags override SCALE's (same compute unless the name says otherwise).
 ABLATION = {
     "defaults": [],
-    "K = 4 draws per example (4x compute)": ["--noise_multiplicity", "4"],
     "EMA 0.99": ["--use_ema", "--ema_decay", "0.99"],
+    "K = 4 draws per example (4x compute)": ["--noise_multiplicity", "4"],
     "batch 512 x 75 steps (same compute)": ["--expected_batch_size", "512", "--max_train_steps", "75"],
     "batch 128 x 300 steps (same compute)": ["--expected_batch_size", "128", "--max_train_steps", "300"],
     "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
@@ -71,6 +74,14 @@ ABLATION = {
                                "--selection_max_grad_norm", "0.05"],
     "selection budget 5%": ["--selection_budget_fraction", "0.05"],
     "selection budget 20%": ["--selection_budget_fraction", "0.2"],
+}
+# Synthesis settings (post-processing: free in privacy), each applied to the adapter of the "defaults" run above
+# (trained once; the same synthesis seed, so the comparison with "defaults" is paired).
+SYNTHESIS_ABLATION = {
+    "grayscale images (--image_mode L)": ["--image_mode", "L"],
+    "guidance 2": ["--guidance_scale", "2"],
+    "guidance 7": ["--guidance_scale", "7"],
+    "50 sampling steps": ["--num_inference_steps", "50"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"
@@ -93,55 +104,100 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
 
 
+def run_key(method: str, epsilon: str, seed: str, real_split: str = "test") -> str:
+    """The run folder's name under runs/quality/ (ablation runs: ablation-<slug>)."""
+    return slug(method, epsilon, seed) if real_split == "test" else f"ablation-{slug(method, epsilon, seed)}"
+
+
+_TRAINING_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
+def training_lock(run_dir: Path) -> threading.Lock:
+    """One lock per adapter folder, so that runs sharing an adapter (the synthesis ablation) train it once."""
+    with _LOCKS_LOCK:
+        return _TRAINING_LOCKS.setdefault(str(run_dir), threading.Lock())
+
+
 def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str = "0",
-            real_split: str = "test") -> Path:
+            real_split: str = "test", synthesis_flags: tuple[str, ...] = (), adapter_key: str | None = None) -> Path:
     """Train (unless public), synthesize, evaluate on `real_split`; write docs/results/<slug>.json (the
-    validation-split runs of the ablation: docs/results/ablation/<slug>.json, run folders ablation-<slug>)."""
-    key = slug(method, epsilon, seed) if real_split == "test" else f"ablation-{slug(method, epsilon, seed)}"
+    validation-split runs of the ablation: docs/results/ablation/<slug>.json, run folders ablation-<slug>).
+
+    `adapter_key` names another run's folder whose adapter is reused (trained there first, with
+    `train_flags`, if it is not yet); `synthesis_flags` are appended to examples/synthesize.py's. The seed-0
+    run's samples.png and its count of trained parameters are kept in docs/results/ (runs/ is not committed)."""
+    key = run_key(method, epsilon, seed, real_split)
     result_file = (RESULTS if real_split == "test" else RESULTS / "ablation") / f"{slug(method, epsilon, seed)}.json"
     if result_file.exists():
         return result_file
-    run_dir, log = RUNS / key, RUNS / f"{key}.log"
+    run_dir, log = RUNS / (adapter_key or key), RUNS / f"{key}.log"
     RUNS.mkdir(parents=True, exist_ok=True)
     python, stages = sys.executable, {}
-    train_measure = Path(f"{run_dir}-work") / "train_stage.json"
-    if train_flags is not None and (run_dir / "privacy_report.json").exists():  # trained before a restart
-        stages["train"] = (json.loads(train_measure.read_text()) if train_measure.exists()
-                           else {"seconds": None, "peak_rss_mb": None})
-    elif train_flags is not None:
-        stages["train"] = run_measured([
-            python, "examples/train_dp_sapf.py", "--output_dir", str(run_dir), "--overwrite_output_dir",
-            "--target_epsilon", epsilon, "--seed", seed, "--num_validation_images", "4",
-            "--max_train_samples", str(SCALE["max_train_samples"]),
-            "--expected_batch_size", str(SCALE["expected_batch_size"]),
-            "--max_train_steps", str(SCALE["max_train_steps"]), "--learning_rate", str(SCALE["learning_rate"]),
-            "--rank", str(SCALE["rank"]), "--clipping", SCALE["clipping"],
-            "--selection_clipping", SCALE["clipping"], *train_flags], log)
-        train_measure.write_text(json.dumps(stages["train"]))  # the work folder exists once trained
+    with training_lock(run_dir):
+        if train_flags is not None:
+            stages["train"] = train(run_dir, epsilon, seed, train_flags, log)
     synthetic = RUNS / f"{key}-synthetic"
     stages["synthesis"] = run_measured([
         python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
         "--images_per_class", str(SCALE["images_per_class"]),
         "--num_inference_steps", str(SCALE["num_inference_steps"]),
-        *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts())], log)
+        *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts()), *synthesis_flags], log)
     metrics_file = RUNS / f"{key}-metrics.json"
     stages["evaluation"] = run_measured([
         python, "examples/evaluate.py", "--synthetic_dir", str(synthetic), "--output_json", str(metrics_file),
         "--epochs", str(SCALE["classifier_epochs"]), "--real_split", real_split], log)
     result = {"method": method, "epsilon": epsilon, "seed": seed, "scale": SCALE, "stages": stages,
-              "load_average_at_end": os.getloadavg(), **json.loads(metrics_file.read_text())}
+              "load_average_at_end": os.getloadavg(), "synthesis_flags": list(synthesis_flags),
+              **json.loads(metrics_file.read_text())}
     if train_flags is not None:
         report = json.loads((run_dir / "privacy_report.json").read_text())
         selection = json.loads((run_dir / "selection.json").read_text())
         timings = Path(f"{run_dir}-work") / "timings.json"
         result.update(privacy=report, selected=selection["selected"],
                       num_candidates=sum(map(len, selection["units"].values())),
+                      trained_parameters=trained_parameters(Path(f"{run_dir}-work")),
                       train_timings=json.loads(timings.read_text()) if timings.exists() else None,
                       command=f"python examples/train_dp_sapf.py --target_epsilon {epsilon} "
                               + " ".join(train_flags))
+    if seed == "0" and real_split == "test":
+        samples = (run_dir if train_flags is not None else synthetic) / (
+            "samples.png" if train_flags is not None else "preview_grid.png")
+        SAMPLES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(samples, SAMPLES / f"{slug(method, epsilon, seed)}.png")
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=2))
     return result_file
+
+
+def train(run_dir: Path, epsilon: str, seed: str, train_flags: list[str], log: Path) -> dict:
+    """examples/train_dp_sapf.py at SCALE into `run_dir` (unless a finished run is there); its wall seconds and
+    peak RSS."""
+    train_measure = Path(f"{run_dir}-work") / "train_stage.json"
+    if (run_dir / "privacy_report.json").exists():  # trained before a restart, or by a run sharing it
+        return (json.loads(train_measure.read_text()) if train_measure.exists()
+                else {"seconds": None, "peak_rss_mb": None})
+    stage = run_measured([
+        sys.executable, "examples/train_dp_sapf.py", "--output_dir", str(run_dir), "--overwrite_output_dir",
+        "--target_epsilon", epsilon, "--seed", seed, "--num_validation_images", "4",
+        "--max_train_samples", str(SCALE["max_train_samples"]),
+        "--expected_batch_size", str(SCALE["expected_batch_size"]),
+        "--max_train_steps", str(SCALE["max_train_steps"]), "--learning_rate", str(SCALE["learning_rate"]),
+        "--rank", str(SCALE["rank"]), "--clipping", SCALE["clipping"],
+        "--selection_clipping", SCALE["clipping"], *train_flags], log)
+    train_measure.write_text(json.dumps(stage))  # the work folder exists once trained
+    return stage
+
+
+def trained_parameters(work_dir: Path) -> int:
+    """Trained coordinates of a run: the entries of its last checkpoint's trainable.safetensors (LoRA A/B,
+    LoDA's maps, full matrices, or the sparse runs' masked deltas)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    checkpoint = max(work_dir.glob("checkpoint-*/trainable.safetensors"), key=lambda p: int(p.parent.name[11:]))
+    with safe_open(str(checkpoint), "pt") as f:
+        return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys())
 
 
 def _public_prompts() -> list[str]:
@@ -160,8 +216,7 @@ def main():
                    help="Run the ablation (ABLATION, DP-SAPF at epsilon 10, scored on the validation split) instead.")
     args = p.parse_args()
     if args.ablation:
-        plan = [(f"DP-SAPF ablation: {name}", "10", flags, "0", "validation") for name, flags in ABLATION.items()]
-        return run_plan(plan, args)
+        return run_plan(ablation_plan(), args)
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
     # at epsilon 10 over the seeds, the two references, then epsilon 1, then the LoDA and sparse-selection
     # rows of the seed papers 003/004, then epsilon 2 and 5 (one seed, for the accuracy-vs-epsilon curve),
@@ -179,8 +234,19 @@ def main():
     run_plan(plan, args)
 
 
+def ablation_plan() -> list[tuple]:
+    """ABLATION's runs, with SYNTHESIS_ABLATION's after the first two trainings (they reuse the adapter of
+    "defaults", so they can start as soon as it is trained)."""
+    defaults = run_key("DP-SAPF ablation: defaults", "10", "0", "validation")
+    training = [(f"DP-SAPF ablation: {name}", "10", flags, "0", "validation") for name, flags in ABLATION.items()]
+    synthesis_only = [(f"DP-SAPF ablation: {name}", "10", [], "0", "validation", tuple(flags), defaults)
+                      for name, flags in SYNTHESIS_ABLATION.items()]
+    return training[:2] + synthesis_only + training[2:]
+
+
 def run_plan(plan: list[tuple], args) -> None:
-    """Run (method, epsilon, flags, seed[, real_split]) items, --jobs at a time; report and go on after a failure."""
+    """Run (method, epsilon, flags, seed[, real_split, synthesis_flags, adapter_key]) items (run_one's
+    arguments), --jobs at a time; report and go on after a failure."""
     plan = [item for item in plan if args.only is None or args.only in item[0]]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}

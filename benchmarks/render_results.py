@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, RUNS, SCALE, SEEDS, slug
+from quality import ABLATION, CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, SAMPLES, SCALE, SEEDS, SYNTHESIS_ABLATION, slug
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -49,28 +49,25 @@ def cell(r: dict | None) -> str:
             f"({len(r['seeds'])} seeds)")
 
 
-def trainable_parameters(method: str, epsilons=EPSILONS) -> str:
-    """Trained coordinates of the method's seed-0 run at epsilon 10 (else 1): the entries of the checkpoint's
-    trainable.safetensors (LoRA A/B, LoDA's maps, full matrices, or the sparse runs' masked deltas)."""
-    from safetensors import safe_open
-
+def trainable_parameters(runs: list[dict], method: str, epsilons=EPSILONS) -> str:
+    """Trained coordinates of the method's seed-0 run at epsilon 10 (else 1), as its JSON records them."""
     for eps in epsilons:
-        checkpoints = sorted((RUNS / f"{slug(method, eps, '0')}-work").glob("checkpoint-*/trainable.safetensors"))
-        if checkpoints:
-            with safe_open(str(checkpoints[-1]), "pt") as f:
-                return f"{sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys()):,}"
+        for run in runs:
+            if (run["method"], run["epsilon"], run.get("seed", "0")) == (method, eps, "0") \
+                    and "trained_parameters" in run:
+                return f"{run['trained_parameters']:,}"
     return "?"
 
 
-def main_table(table: dict) -> str:
+def main_table(table: dict, runs: list[dict]) -> str:
     rows = ["| method | trained parameters | " + " | ".join(f"eps={e}: FID / Acc (%)" for e in EPSILONS) + " |",
             "|---|---:|" + "---|" * len(EPSILONS)]
     for method in METHODS:
         cells = []
         for eps in EPSILONS:
             cells.append(cell(table.get(method, {}).get(eps)))
-        rows.append(f"| {method} | {trainable_parameters(method)} | " + " | ".join(cells) + " |")
-    rows.append(f"| {NON_PRIVATE[0]} | {trainable_parameters(NON_PRIVATE[0], ('inf',))} | "
+        rows.append(f"| {method} | {trainable_parameters(runs, method)} | " + " | ".join(cells) + " |")
+    rows.append(f"| {NON_PRIVATE[0]} | {trainable_parameters(runs, NON_PRIVATE[0], ('inf',))} | "
                 + " | ".join([cell(table.get(NON_PRIVATE[0], {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
     rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
                 + " (no DP) |")
@@ -164,12 +161,37 @@ def compute_table(runs: list[dict], epsilon: str) -> str:
     return "\n".join(rows)
 
 
+def ablation_table() -> str:
+    """DP-SAPF's ablation at epsilon 10 (quality.py --ablation), scored on the validation split: one row per
+    variant, in ABLATION / SYNTHESIS_ABLATION order, with its difference to "defaults"."""
+    runs = {r["method"].removeprefix("DP-SAPF ablation: "): r
+            for r in map(lambda p: json.loads(p.read_text()), sorted((RESULTS / "ablation").glob("*.json")))}
+    if not runs:
+        return "(not run yet: `python benchmarks/quality.py --ablation`)"
+    base = runs.get("defaults")
+    rows = ["| variant | FID | Acc on validation (%) | vs defaults (points) | DP-SGD sigma | train s | synthesis s |",
+            "|---|---|---|---|---|---|---|"]
+    for name in (*ABLATION, *SYNTHESIS_ABLATION):
+        run = runs.get(name)
+        if run is None:
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        sigma = next((st["noise_multiplier"] for st in run["privacy"]["stages"] if st["name"] == "dp_sgd"), None)
+        train_seconds = run["stages"].get("train", {}).get("seconds")
+        shared = " (the defaults' adapter)" if name in SYNTHESIS_ABLATION else ""
+        difference = "" if base is None or name == "defaults" else f"{100 * (run['acc'] - base['acc']):+.1f}"
+        rows.append(f"| {name} | {run['fid']:.2f} | {100 * run['acc']:.1f} | {difference} | "
+                    f"{sigma:.3g} | {train_seconds if train_seconds is not None else '?'}{shared} | "
+                    f"{run['stages']['synthesis']['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
 def side_by_side_samples(runs: list[dict], epsilon: str) -> str:
-    """docs/results/samples_eps<epsilon>.png: each seed-0 run's samples.png side by side (left to right in
-    the order of the table); returns the Markdown that shows it (empty if no run has samples)."""
+    """docs/results/samples_eps<epsilon>.png: each seed-0 run's samples.png (kept by quality.py in
+    docs/results/samples/) side by side; returns the Markdown that shows it (empty if no run has samples)."""
     from PIL import Image, ImageDraw
 
-    grids = [(r["method"], RUNS / slug(r["method"], epsilon, "0") / "samples.png") for r in runs
+    grids = [(r["method"], SAMPLES / f"{slug(r['method'], epsilon, '0')}.png") for r in runs
              if r["epsilon"] == epsilon and r.get("seed", "0") == "0"]
     grids = [(method, Image.open(path).convert("RGB")) for method, path in grids if path.exists()]
     if not grids:
@@ -209,7 +231,7 @@ the synthetic images (epoch picked on a held-out synthetic split).
 
 ## FID (lower is better) / downstream accuracy (higher is better)
 
-{main_table(table)}
+{main_table(table, runs)}
 
 ## Accuracy vs epsilon (DP-SAPF and DP-LoRA; bars: +- 1 std over seeds where seeded)
 
@@ -226,6 +248,15 @@ the synthetic images (epoch picked on a held-out synthetic split).
 ## Compute per stage at epsilon = 10 (paper's Table 12; wall seconds on 1 thread, peak RSS of the process)
 
 {compute_table(runs, "10")}
+
+## Ablation of DP-SAPF at epsilon 10 (one seed, scored on the validation split, never the test split)
+
+`python benchmarks/quality.py --ablation`: the scale above with one change per row; accuracy of the same
+ResNet-8 on Fashion-MNIST training images 50,000-59,999 (never trained on at N = {SCALE['max_train_samples']:,}),
+FID against them. The synthesis rows reuse the adapter of "defaults" and its synthesis seed (a paired comparison);
+the others are fresh runs (fresh DP noise), so their differences include a seed spread of about 2-4 points.
+
+{ablation_table()}
 
 ## DP-SGD noise multiplier per run
 

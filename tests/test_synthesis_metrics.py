@@ -114,6 +114,20 @@ def test_synthesis_is_deterministic_and_resumes_identically(pipe, baseline, tmp_
         synthesis.synthesize(pipe, CLASSES, PROMPTS, tmp_path, **{**SETTINGS, "seed": 8})
 
 
+def test_grayscale_mode_saves_the_luma_of_the_same_images(pipe, baseline, tmp_path):
+    _, reference = baseline
+    paths = synthesis.synthesize(pipe, CLASSES, PROMPTS, tmp_path, **SETTINGS, image_mode="L")
+    for gray, rgb in zip(paths["Trouser"], reference["Trouser"]):
+        assert Image.open(gray).mode == "L"
+        assert np.array_equal(np.asarray(Image.open(gray)), np.asarray(Image.open(rgb).convert("L")))
+    loaded = load_synthetic(tmp_path)  # read back as RGB with three equal channels, like the real images
+    assert loaded.images.shape == (6, 3, 32, 32) and torch.equal(loaded.images[:, 0], loaded.images[:, 2])
+    with pytest.raises(ValueError, match="image_mode"):  # resuming in another mode is refused
+        synthesis.synthesize(pipe, CLASSES, PROMPTS, tmp_path, **SETTINGS)
+    with pytest.raises(ValueError, match="image_mode must be one of"):
+        synthesis.synthesize(pipe, CLASSES, PROMPTS, tmp_path / "other", **SETTINGS, image_mode="CMYK")
+
+
 def _save_adapter(lora_dir: Path) -> None:
     """A random (non-zero) LoRA adapter on to_q/to_v with class prompts and a privacy report."""
     from diffusers import StableDiffusionPipeline

@@ -38,6 +38,7 @@ CONFIG_FILE = "synthesis_config.json"
 PRIVACY_REPORT_FILE = "privacy_report.json"
 PREVIEW_FILE = "preview_grid.png"
 DATASET_SUBDIR = "dataset"
+IMAGE_MODES = ("RGB", "L")
 
 
 def read_class_prompts(path: str | Path) -> tuple[list[str], list[str]]:
@@ -93,14 +94,19 @@ def _check_resume(output_dir: Path, config: dict) -> None:
 def synthesize(pipe, class_names: list[str], prompts: list[str], output_dir: str | Path,
                images_per_class: int, seed: int = 0, num_inference_steps: int = 25,
                guidance_scale: float = 4.0, batch_size: int = 64, show_progress: bool = True,
-               metadata: dict | None = None) -> dict[str, list[Path]]:
+               metadata: dict | None = None, image_mode: str = "RGB") -> dict[str, list[Path]]:
     """Generate `images_per_class` PNGs per class prompt into `output_dir` (see module layout).
 
     Images that already exist are kept: a batch is generated only if one of its files is missing.
     Initial latents come from CPU generators, so CPU and GPU runs start from the same noise.
     `metadata` (e.g. model and adapter names) is stored with the settings in synthesis_config.json.
+    `image_mode` is the PIL mode the PNGs are saved in ("RGB", or "L" for a grayscale dataset such as
+    Fashion-MNIST: ITU-R 601 luma). It is a declared, public property of the data's format, like the
+    resolution, never inferred from the sensitive images (that would be a data-dependent release).
     Returns the image paths of each class, in index order.
     """
+    if image_mode not in IMAGE_MODES:
+        raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
     if len(class_names) != len(prompts):
         raise ValueError(f"{len(class_names)} class names but {len(prompts)} prompts")
     if images_per_class < 1:
@@ -111,7 +117,8 @@ def synthesize(pipe, class_names: list[str], prompts: list[str], output_dir: str
     _check_resume(output_dir, {**(metadata or {}), "class_names": class_names, "prompts": prompts,
                                "seed": seed, "num_inference_steps": num_inference_steps,
                                "guidance_scale": guidance_scale, "images_per_class": images_per_class,
-                               "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__})
+                               "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__,
+                               **({} if image_mode == "RGB" else {"image_mode": image_mode})})
     (output_dir / CLASS_PROMPTS_FILE).write_text(
         json.dumps({"class_names": class_names, "prompts": prompts}, indent=2))
 
@@ -133,7 +140,7 @@ def synthesize(pipe, class_names: list[str], prompts: list[str], output_dir: str
                 if not path.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     temporary = path.with_name(f".{path.name}.tmp")
-                    image.save(temporary, format="PNG")
+                    image.convert(image_mode).save(temporary, format="PNG")
                     os.replace(temporary, path)
             bar.update(len(indices))
     return paths

@@ -49,6 +49,9 @@ def parse_args(argv=None):
                    help="DPM-Solver multistep, or the scheduler stored with the pipeline.")
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--image_mode", choices=synthesis.IMAGE_MODES, default="RGB",
+                   help="Mode of the saved images: RGB, or L (grayscale) when the private data is grayscale, "
+                        "e.g. Fashion-MNIST. A declared format, like the resolution; never read from the data.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save_dataset", action="store_true",
                    help=f"Also save a `datasets` copy (image, label) to "
@@ -135,7 +138,7 @@ def main(argv=None):
     paths = synthesis.synthesize(pipe, class_names, prompts, args.output_dir, args.images_per_class,
                                  seed=args.seed, num_inference_steps=args.num_inference_steps,
                                  guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                                 metadata=model)
+                                 metadata=model, image_mode=args.image_mode)
     synthesis.save_preview_grid(paths, args.output_dir, per_class=args.preview_per_class)
     if args.save_dataset:
         synthesis.to_dataset(paths).save_to_disk(str(args.output_dir / synthesis.DATASET_SUBDIR))
@@ -145,7 +148,7 @@ def main(argv=None):
                 or hub.LOCAL_BASE.format(hub.local_base_name(args.pretrained_model_name_or_path)),
                 "images_per_class": args.images_per_class, "scheduler": type(pipe.scheduler).__name__,
                 "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                "seed": args.seed}
+                "seed": args.seed, "image_mode": args.image_mode}
     card = dataset_release.dataset_card(
         statement, report, settings, sum(map(len, paths.values())), class_names,
         adapter=args.adapter_repo_id or (None if args.lora_dir is None else str(args.lora_dir)),
