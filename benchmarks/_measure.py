@@ -195,14 +195,14 @@ def measure(methods: dict, repeats: int) -> dict[str, dict]:
             for name in methods}
 
 
-def ratios(results: dict, method: str, baseline: str) -> tuple[float, float]:
+def ratios(results: dict, method: str, baseline: str, times: str = "wall") -> tuple[float, float]:
     """(time, working memory) of `method` relative to `baseline`.
 
-    Time: the median over rounds of the ratio of the two wall times of the same round (paired,
-    so a slow spell of the machine affects both sides of a ratio).
+    Time: the median over rounds of the ratio of the two `times` ("wall" seconds, or "cpu" seconds where
+    measured) of the same round (paired, so a slow spell of the machine affects both sides of a ratio).
     """
     a, b = results[method], results[baseline]
-    return (statistics.median(x / y for x, y in zip(a["wall"], b["wall"])),
+    return (statistics.median(x / y for x, y in zip(a[times], b[times])),
             a["memory"]["working"] / b["memory"]["working"])
 
 

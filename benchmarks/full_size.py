@@ -187,11 +187,6 @@ def measure_config(config: dict, resolution: int, precision: str, batch: int, re
     return results, facts
 
 
-def cpu_time_ratio(results: dict, method: str) -> float:
-    """Median over rounds of the ratio of process CPU seconds, `method` / the non-private step (paired)."""
-    return statistics.median(x / y for x, y in zip(results[method]["cpu"], results[BASELINE]["cpu"]))
-
-
 def results_table(measured: dict, batch: int) -> str:
     rows = ["| resolution | precision | method | wall s / call (median) | CPU s / call | wall s / example | working MiB "
             "| MiB / example | wall / non-private (paired median) | CPU / non-private (paired median) "
@@ -199,7 +194,7 @@ def results_table(measured: dict, batch: int) -> str:
     for (resolution, precision), results in measured.items():
         for name, r in results.items():
             time_ratio, memory_ratio = _measure.ratios(results, name, BASELINE)
-            cpu_ratio = cpu_time_ratio(results, name)
+            cpu_ratio = _measure.ratios(results, name, BASELINE, times="cpu")[0]
             wall, working = statistics.median(r["wall"]), r["memory"]["working"]
             rows.append(f"| {resolution} px | {precision} | {name} | {wall:.2f} | {statistics.median(r['cpu']):.2f} "
                         f"| {wall / batch:.2f} | {working:.0f} "
@@ -238,7 +233,7 @@ def write_full_report(output: Path, args, measured: dict, facts: dict, shapes: d
     weights_gb = {p: facts["parameters"] * bytes_per[p] / 1e9 for p in PRECISIONS}
     summary = {f"{res} px {prec}": "DP-SGD / non-private: wall {:.2f}x, CPU {:.2f}x, memory {:.2f}x "
                                    "(load average {:.1f} when measured; {} timed call(s) per method)".format(
-        _measure.ratios(r, DP_STEP, BASELINE)[0], cpu_time_ratio(r, DP_STEP), _measure.ratios(r, DP_STEP, BASELINE)[1],
+        _measure.ratios(r, DP_STEP, BASELINE)[0], _measure.ratios(r, DP_STEP, BASELINE, times="cpu")[0], _measure.ratios(r, DP_STEP, BASELINE)[1],
         *loads[(res, prec)]) for (res, prec), r in measured.items()}
     report_facts = {
         "UNet": f"{'SD-1.5 unet/config.json' if not args.quick else '1/10-width SD-1.5 config'}, random weights, "

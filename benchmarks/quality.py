@@ -59,6 +59,7 @@ METHODS = {
     "DP-SGD on LoDA+ adapters (selected, 003)": ["--adapter", "loda_plus"],
     "Private sparse selection (entries, 004)": ["--selection_unit", "entry"],
     "Private sparse selection (rows, 004)": ["--selection_unit", "row"],
+    "DP-SAPF (debiased score)": ["--saliency_score", "debiased"],
 }
 # Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
 # 50,000-59,999, never trained on at N = 10,000) so that choosing defaults from it never reads the test split.
@@ -85,6 +86,10 @@ SYNTHESIS_ABLATION = {
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 PUBLIC = "Public model (no fine-tuning)"
+# Calibration rows: the same classifier and FID on real Fashion-MNIST training images instead of synthetic ones
+# (images per class; None = all 60,000), epsilon "real" (no privacy at all).
+REAL_CALIBRATION = {"Real training images (100 per class)": 100, "Real training images (1,000 per class)": 1000,
+                    "Real training images (all 60,000)": None}
 
 
 def slug(method: str, epsilon: str, seed: str) -> str:
@@ -138,11 +143,14 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
         if train_flags is not None:
             stages["train"] = train(run_dir, epsilon, seed, train_flags, log)
     synthetic = RUNS / f"{key}-synthetic"
-    stages["synthesis"] = run_measured([
-        python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
-        "--images_per_class", str(SCALE["images_per_class"]),
-        "--num_inference_steps", str(SCALE["num_inference_steps"]),
-        *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts()), *synthesis_flags], log)
+    if method in REAL_CALIBRATION:
+        synthetic = write_real_subset(synthetic, REAL_CALIBRATION[method])
+    else:
+        stages["synthesis"] = run_measured([
+            python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
+            "--images_per_class", str(SCALE["images_per_class"]),
+            "--num_inference_steps", str(SCALE["num_inference_steps"]),
+            *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts()), *synthesis_flags], log)
     metrics_file = RUNS / f"{key}-metrics.json"
     stages["evaluation"] = run_measured([
         python, "examples/evaluate.py", "--synthetic_dir", str(synthetic), "--output_json", str(metrics_file),
@@ -160,7 +168,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
                       train_timings=json.loads(timings.read_text()) if timings.exists() else None,
                       command=f"python examples/train_dp_sapf.py --target_epsilon {epsilon} "
                               + " ".join(train_flags))
-    if seed == "0" and real_split == "test":
+    if seed == "0" and real_split == "test" and method not in REAL_CALIBRATION:
         samples = (run_dir if train_flags is not None else synthetic) / (
             "samples.png" if train_flags is not None else "preview_grid.png")
         SAMPLES.mkdir(parents=True, exist_ok=True)
@@ -200,6 +208,22 @@ def trained_parameters(work_dir: Path) -> int:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys())
 
 
+def write_real_subset(folder: Path, per_class: int | None) -> Path:
+    """<folder>/gen.npz (DPImageBench's format, read by examples/evaluate.py like a synthetic set): the first
+    `per_class` Fashion-MNIST training images of each class (None: all 60,000), at the benchmark's 32 x 32."""
+    import numpy as np
+    import torch
+
+    from peft_dp_saliency.metrics import load_real
+
+    real = load_real("fashion-mnist", split="train", resolution=32)
+    keep = (torch.arange(len(real)) if per_class is None else
+            torch.cat([(real.labels == c).nonzero().flatten()[:per_class] for c in range(len(real.class_names))]))
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "gen.npz", x=real.images[keep].float().numpy() / 255.0, y=real.labels[keep].numpy())
+    return folder / "gen.npz"
+
+
 def _public_prompts() -> list[str]:
     from peft_dp_saliency.data import FASHION_MNIST_CLASSES, make_prompts
 
@@ -224,6 +248,7 @@ def main():
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
+    plan += [(name, "real", None, "0") for name in REAL_CALIBRATION]
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     # the other papers' methods (issue 15), LoDA and sparse entries first
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))

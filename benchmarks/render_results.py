@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import ABLATION, CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, RESULTS, SAMPLES, SCALE, SEEDS, SYNTHESIS_ABLATION, slug
+from quality import ABLATION, CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS, SYNTHESIS_ABLATION, slug
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -26,7 +26,7 @@ def summary(runs: list[dict]) -> dict:
     seeds (sample std, 0 for one seed); epsilon as a string ('inf' non-private)."""
     grouped: dict = {}
     for run in runs:
-        eps = "inf" if run["epsilon"] == "public" else run["epsilon"]
+        eps = "inf" if run["epsilon"] in ("public", "real") else run["epsilon"]
         grouped.setdefault(run["method"], {}).setdefault(eps, []).append(run)
     out: dict = {}
     for method, by_eps in grouped.items():
@@ -71,6 +71,9 @@ def main_table(table: dict, runs: list[dict]) -> str:
                 + " | ".join([cell(table.get(NON_PRIVATE[0], {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
     rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
                 + " (no DP) |")
+    for name in REAL_CALIBRATION:
+        rows.append(f"| {name} | (real data) | " + " | ".join([cell(table.get(name, {}).get("inf"))] * len(EPSILONS))
+                    + " (no DP) |")
     return "\n".join(rows)
 
 
@@ -127,7 +130,7 @@ def accuracy_curve(table: dict) -> str:
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
     """Matrices selected per block at each ratio (the paper's Table 7)."""
-    ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF")), key=lambda m: float(m.split()[-1][:-1]))
+    ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF (ratio")), key=lambda m: float(m.split()[-1][:-1]))
     chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon
                        and r.get("seed", "0") == "0"), None)
               for m in ratios}
