@@ -70,11 +70,11 @@ ABLATION = {
     "K = 4 draws per example (4x compute)": ["--noise_multiplicity", "4"],
     "batch 512 x 75 steps (same compute)": ["--expected_batch_size", "512", "--max_train_steps", "75"],
     "batch 128 x 300 steps (same compute)": ["--expected_batch_size", "128", "--max_train_steps", "300"],
-    "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
     "flat clipping C = 0.05": ["--clipping", "flat", "--selection_clipping", "flat", "--max_grad_norm", "0.05",
                                "--selection_max_grad_norm", "0.05"],
     "selection budget 5%": ["--selection_budget_fraction", "0.05"],
     "selection budget 20%": ["--selection_budget_fraction", "0.2"],
+    "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
 }
 # Synthesis settings (post-processing: free in privacy), each applied to the adapter of the "defaults" run above
 # (trained once; the same synthesis seed, so the comparison with "defaults" is paired).

@@ -50,17 +50,16 @@ def cell(r: dict | None) -> str:
 
 
 def trainable_parameters(runs: list[dict], method: str, epsilons=EPSILONS) -> str:
-    """Trained coordinates of the method's seed-0 run at epsilon 10 (else 1), as its JSON records them."""
-    for eps in epsilons:
-        for run in runs:
-            if (run["method"], run["epsilon"], run.get("seed", "0")) == (method, eps, "0") \
-                    and "trained_parameters" in run:
-                return f"{run['trained_parameters']:,}"
-    return "?"
+    """Trained coordinates of the method's seed-0 run at each of `epsilons`, as its JSON records them
+    ("a / b" where the runs differ: another selection trains other matrices)."""
+    counts = [run["trained_parameters"] for eps in epsilons for run in runs
+              if (run["method"], run["epsilon"], run.get("seed", "0")) == (method, eps, "0")
+              and "trained_parameters" in run]
+    return " / ".join(f"{n:,}" for n in counts) if len(set(counts)) > 1 else f"{counts[0]:,}" if counts else "?"
 
 
 def main_table(table: dict, runs: list[dict]) -> str:
-    rows = ["| method | trained parameters | " + " | ".join(f"eps={e}: FID / Acc (%)" for e in EPSILONS) + " |",
+    rows = [f"| method | trained parameters (eps {' / '.join(EPSILONS)}) | " + " | ".join(f"eps={e}: FID / Acc (%)" for e in EPSILONS) + " |",
             "|---|---:|" + "---|" * len(EPSILONS)]
     for method in METHODS:
         cells = []
