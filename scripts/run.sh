@@ -14,5 +14,7 @@ if [ ! -f "$OUT/privacy_report.json" ]; then
   .venv/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process "$(nproc)" examples/train_dp_sapf.py \
     --output_dir "$OUT" $continue_flag "$@"
 fi
-.venv/bin/python examples/synthesize.py --lora_dir "$OUT" --output_dir "$OUT-synthetic" --images_per_class 20
+# the embedded default, Fashion-MNIST, is grayscale: release grayscale images (IMAGE_MODE=RGB for colour data)
+.venv/bin/python examples/synthesize.py --lora_dir "$OUT" --output_dir "$OUT-synthetic" --images_per_class 20 \
+  --image_mode "${IMAGE_MODE:-L}"
 echo "adapter, privacy report, model card and samples: $OUT/ ; synthetic images: $OUT-synthetic/"
