@@ -242,7 +242,7 @@ def _public_prompts() -> list[str]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--only", default=None, help="Run only methods whose name contains this text.")
+    p.add_argument("--only", nargs="+", default=None, help="Run only methods whose name contains one of these texts.")
     p.add_argument("--seeds", nargs="+", default=list(SEEDS), help="Seeds of the seeded main comparison.")
     p.add_argument("--ablation", action="store_true",
                    help="Run the ablation (ABLATION, DP-SAPF at epsilon 10, scored on the validation split) instead.")
@@ -280,7 +280,7 @@ def ablation_plan() -> list[tuple]:
 def run_plan(plan: list[tuple], args) -> None:
     """Run (method, epsilon, flags, seed[, real_split, synthesis_flags, adapter_key]) items (run_one's
     arguments), --jobs at a time; report and go on after a failure."""
-    plan = [item for item in plan if args.only is None or args.only in item[0]]
+    plan = [item for item in plan if args.only is None or any(text in item[0] for text in args.only)]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_one, *item): item for item in plan}
         for future, (method, epsilon, _, seed, *_) in futures.items():
