@@ -40,10 +40,11 @@ class SaliencyLoraConfig(LoraConfig):
         "help": "'saliency' (DP-SAPF private gradient query), 'random' (data-independent, no privacy cost) "
                 "or 'all' (every candidate, no query: DP-LoRA)."})
     saliency_score: str = field(default="norm", metadata={
-        "help": "'norm' = ||noisy block|| (the paper); 'debiased' = ||noisy block||^2 - d (sigma_s C / N)^2, which "
-                "removes the noise's bias toward large matrices."})
+        "help": "'norm' = ||noisy block|| (the paper); 'debiased' = ||noisy block||^2 - d (sigma_s C / (q N))^2 "
+                "(q = selection_sample_rate), which removes the noise's bias toward large matrices."})
     selection_noise_multiplier: float = field(default=5.0, metadata={
-        "help": "sigma_s: the query adds Gaussian noise of std sigma_s * C / N to every coordinate."})
+        "help": "sigma_s: the query adds Gaussian noise of std sigma_s * C / (q N) to every coordinate "
+                "(q = selection_sample_rate)."})
     selection_max_grad_norm: float = field(default=1.0, metadata={
         "help": "C: per-sample gradients over ALL candidates are clipped jointly to this L2 norm."})
     selection_clipping: str = field(default="automatic", metadata={
