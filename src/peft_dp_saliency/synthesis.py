@@ -118,6 +118,7 @@ def synthesize(pipe, class_names: list[str], prompts: list[str], output_dir: str
                                "seed": seed, "num_inference_steps": num_inference_steps,
                                "guidance_scale": guidance_scale, "images_per_class": images_per_class,
                                "batch_size": batch_size, "scheduler": type(pipe.scheduler).__name__,
+                               # RGB is not recorded, so folders made before image_mode existed still resume
                                **({} if image_mode == "RGB" else {"image_mode": image_mode})})
     (output_dir / CLASS_PROMPTS_FILE).write_text(
         json.dumps({"class_names": class_names, "prompts": prompts}, indent=2))
