@@ -24,14 +24,11 @@ from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, architecture
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, GRID_PROMPTS, architecture
 from peft_dp_saliency.public_model.corpus import augment, build_corpus, random_captions
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
 
 logger = logging.getLogger(__name__)
-GRID_PROMPTS = ["an image of a t-shirt", "an image of a dress", "an image of a sneaker",
-                "an image of a handbag", "an image of a cat face", "an image of a trouser",
-                "an image of a coat", "an image of a boot"]
 
 
 def parse_args():

@@ -44,3 +44,24 @@ def test_tokenizer_keeps_prompt_words(public_pipe):
 def test_captions_come_from_unicode_names():
     assert caption_stems("ATHLETIC SHOE")[0] == "athletic shoe"
     assert "sneaker" in SYNONYMS["ATHLETIC SHOE"]
+
+
+def test_refining_the_decoder_leaves_the_latent_space_bit_identical():
+    """The UNet and every adapter live in the encoder's latent space: refinement must only change decoding."""
+    from diffusers import AutoencoderKL
+
+    from peft_dp_saliency.public_model.decoder import decoder_parameters, refine_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    decoding = {id(p) for p in decoder_parameters(vae)}
+    before = {name: p.detach().clone() for name, p in vae.named_parameters()}
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    losses = refine_decoder(vae, lambda: images, steps=30, learning_rate=1e-2, progress=False)
+    changed = {name for name, p in vae.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(id(vae.get_parameter(name)) in decoding for name in changed)
+    assert all(torch.equal(p, before[n]) for n, p in vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])  # it learns to reconstruct
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
