@@ -38,6 +38,7 @@ SCALE = {
     "rank": 4,
     "clipping": "automatic",       # both stages (the library default)
     "images_per_class": 100,       # synthetic images per class (1,000 in all; the issue asks >= 1,000 per class)
+    "image_mode": "L",             # Fashion-MNIST is grayscale: synthetic PNGs saved as luma (the main job's choice)
     "num_inference_steps": 20,
     "classifier_epochs": 15,
     "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
@@ -87,7 +88,7 @@ ABLATION = {
 # Synthesis settings (post-processing: free in privacy), each applied to the adapter of the "defaults" run above
 # (trained once; the same synthesis seed, so the comparison with "defaults" is paired).
 SYNTHESIS_ABLATION = {
-    "grayscale images (--image_mode L)": ["--image_mode", "L"],
+    "RGB images (--image_mode RGB)": ["--image_mode", "RGB"],
     "guidance 2": ["--guidance_scale", "2"],
     "guidance 7": ["--guidance_scale", "7"],
     "50 sampling steps": ["--num_inference_steps", "50"],
@@ -98,11 +99,63 @@ PUBLIC = "Public model (no fine-tuning)"
 # (images per class; None = all 60,000), epsilon "real" (no privacy at all).
 REAL_CALIBRATION = {"Real training images (100 per class)": 100, "Real training images (1,000 per class)": 1000,
                     "Real training images (all 60,000)": None}
+# The ceiling of every latent-diffusion row: the same 100 real images per class, encoded (posterior mean) and
+# decoded by the public model's VAE, saved as luma like the synthetic rows. Depends on the public model.
+AUTOENCODED = ("Real training images through the public VAE (100 per class)", 100)
+# The decoder comparison: the seed-0 epsilon-10 adapters (and the public model) synthesized again with the first
+# public model's VAE decoder (before examples/refine_public_decoder.py; encoder, UNet and latent space identical),
+# same synthesis seed, both scored on the VALIDATION split: paired, and nothing decided from the test split.
+PUBLIC_MODEL_V1_COMMIT = "34cd4f8"
+PUBLIC_MODEL_V1 = ROOT / "runs" / "public-model-v1"
+DECODER_COMPARISON = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)", PUBLIC)
 
 
 def slug(method: str, epsilon: str, seed: str) -> str:
     keep = "".join(c if c.isalnum() else "-" for c in method.lower().replace("+", "-plus"))
     return f"{'-'.join(filter(None, keep.split('-')))}_eps{epsilon}_seed{seed}"
+
+
+def public_model_fingerprint(path: Path | None = None) -> str:
+    """sha256 (hex, first 16) of the embedded public model's weight files (every *.safetensors, by relative
+    path): results made with another public model are stale."""
+    import hashlib
+
+    from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+
+    root, digest = Path(path or EMBEDDED_MODEL_PATH), hashlib.sha256()
+    for weights in sorted(root.rglob("*.safetensors")):
+        digest.update(str(weights.relative_to(root)).encode())
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def depends_on_public_model(method: str) -> bool:
+    """False only for the pure real-data calibration rows."""
+    return method not in REAL_CALIBRATION
+
+
+def check_current(result_file: Path) -> None:
+    """Refuse a finished result made with another public model (it would be mixed into the table)."""
+    result = json.loads(result_file.read_text())
+    if depends_on_public_model(result["method"]) and result.get("public_model") != public_model_fingerprint():
+        raise RuntimeError(f"{result_file} was made with another public model ({result.get('public_model')}, now "
+                           f"{public_model_fingerprint()}): move it to an archive folder or delete it to re-run")
+
+
+def public_model_v1() -> Path:
+    """runs/public-model-v1: the embedded public model as of PUBLIC_MODEL_V1_COMMIT (git), written once."""
+    from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+
+    if not (PUBLIC_MODEL_V1 / "model_index.json").exists():
+        tree = EMBEDDED_MODEL_PATH.relative_to(ROOT)
+        files = subprocess.run(["git", "ls-tree", "-r", "--name-only", PUBLIC_MODEL_V1_COMMIT, str(tree)],
+                               cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+        for name in files:
+            target = PUBLIC_MODEL_V1 / Path(name).relative_to(tree)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(subprocess.run(["git", "show", f"{PUBLIC_MODEL_V1_COMMIT}:{name}"], cwd=ROOT,
+                                              check=True, capture_output=True).stdout)
+    return PUBLIC_MODEL_V1
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
@@ -118,8 +171,20 @@ def run_measured(cmd: list[str], log: Path) -> dict:
 
 
 def run_key(method: str, epsilon: str, seed: str, real_split: str = "test") -> str:
-    """The run folder's name under runs/quality/ (ablation runs: ablation-<slug>)."""
+    """The run folder's name under runs/quality/ (validation-split runs: ablation-<slug>)."""
     return slug(method, epsilon, seed) if real_split == "test" else f"ablation-{slug(method, epsilon, seed)}"
+
+
+def synthetic_folder(key: str, adapter_key: str | None, synthesis_flags: tuple[str, ...]) -> Path:
+    """Where a run's images go: its own folder, or (a run reusing another's adapter) the adapter run's folder
+    when the synthesis is the same (resumed: not redone), else one named by a hash of the extra flags."""
+    if adapter_key is None:
+        return RUNS / f"{key}-synthetic"
+    if not synthesis_flags:
+        return RUNS / f"{adapter_key}-synthetic"
+    import hashlib
+
+    return RUNS / f"{adapter_key}-synthetic-{hashlib.sha1(' '.join(synthesis_flags).encode()).hexdigest()[:8]}"
 
 
 _TRAINING_LOCKS: dict[str, threading.Lock] = {}
@@ -133,16 +198,19 @@ def training_lock(run_dir: Path) -> threading.Lock:
 
 
 def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str = "0",
-            real_split: str = "test", synthesis_flags: tuple[str, ...] = (), adapter_key: str | None = None) -> Path:
+            real_split: str = "test", synthesis_flags: tuple[str, ...] = (), adapter_key: str | None = None,
+            results_subdir: str = "ablation") -> Path:
     """Train (unless public), synthesize, evaluate on `real_split`; write docs/results/<slug>.json (the
-    validation-split runs of the ablation: docs/results/ablation/<slug>.json, run folders ablation-<slug>).
+    validation-split runs: docs/results/<results_subdir>/<slug>.json, run folders ablation-<slug>).
 
     `adapter_key` names another run's folder whose adapter is reused (trained there first, with
     `train_flags`, if it is not yet); `synthesis_flags` are appended to examples/synthesize.py's. The seed-0
-    run's samples.png and its count of trained parameters are kept in docs/results/ (runs/ is not committed)."""
+    run's samples.png and its count of trained parameters are kept in docs/results/ (runs/ is not committed).
+    Every result records the public model's fingerprint; a finished one made with another is refused."""
     key = run_key(method, epsilon, seed, real_split)
-    result_file = (RESULTS if real_split == "test" else RESULTS / "ablation") / f"{slug(method, epsilon, seed)}.json"
+    result_file = (RESULTS if real_split == "test" else RESULTS / results_subdir) / f"{slug(method, epsilon, seed)}.json"
     if result_file.exists():
+        check_current(result_file)
         return result_file
     run_dir, log = RUNS / (adapter_key or key), RUNS / f"{key}.log"
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -150,14 +218,16 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
     with training_lock(run_dir):
         if train_flags is not None:
             stages["train"] = train(run_dir, epsilon, seed, train_flags, log)
-    synthetic = RUNS / f"{key}-synthetic"
+    synthetic = synthetic_folder(key, adapter_key, synthesis_flags)
     if method in REAL_CALIBRATION:
         synthetic = write_real_subset(synthetic, REAL_CALIBRATION[method])
+    elif method == AUTOENCODED[0]:
+        synthetic = write_real_subset(synthetic, AUTOENCODED[1], autoencode=True)
     else:
         stages["synthesis"] = run_measured([
             python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
             "--images_per_class", str(SCALE["images_per_class"]),
-            "--num_inference_steps", str(SCALE["num_inference_steps"]),
+            "--num_inference_steps", str(SCALE["num_inference_steps"]), "--image_mode", SCALE["image_mode"],
             *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts()), *synthesis_flags], log)
     metrics_file = RUNS / f"{key}-metrics.json"
     stages["evaluation"] = run_measured([
@@ -165,6 +235,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
         "--epochs", str(SCALE["classifier_epochs"]), "--real_split", real_split], log)
     result = {"method": method, "epsilon": epsilon, "seed": seed, "scale": SCALE, "stages": stages,
               "load_average_at_end": os.getloadavg(), "synthesis_flags": list(synthesis_flags),
+              "public_model": public_model_fingerprint() if depends_on_public_model(method) else None,
               **json.loads(metrics_file.read_text())}
     if train_flags is not None:
         report = json.loads((run_dir / "privacy_report.json").read_text())
@@ -176,7 +247,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
                       train_timings=json.loads(timings.read_text()) if timings.exists() else None,
                       command=f"python examples/train_dp_sapf.py --target_epsilon {epsilon} "
                               + " ".join(train_flags))
-    if seed == "0" and real_split == "test" and method not in REAL_CALIBRATION:
+    if seed == "0" and real_split == "test" and method not in REAL_CALIBRATION and method != AUTOENCODED[0]:
         samples = (run_dir if train_flags is not None else synthetic) / (
             "samples.png" if train_flags is not None else "preview_grid.png")
         SAMPLES.mkdir(parents=True, exist_ok=True)
@@ -216,9 +287,10 @@ def trained_parameters(work_dir: Path) -> int:
         return sum(int(np.prod(f.get_slice(key).get_shape())) for key in f.keys())
 
 
-def write_real_subset(folder: Path, per_class: int | None) -> Path:
+def write_real_subset(folder: Path, per_class: int | None, autoencode: bool = False) -> Path:
     """<folder>/gen.npz (DPImageBench's format, read by examples/evaluate.py like a synthetic set): the first
-    `per_class` Fashion-MNIST training images of each class (None: all 60,000), at the benchmark's 32 x 32."""
+    `per_class` Fashion-MNIST training images of each class (None: all 60,000), at the benchmark's 32 x 32;
+    with `autoencode`, each passed through the embedded public VAE and saved as luma (AUTOENCODED)."""
     import numpy as np
     import torch
 
@@ -227,9 +299,31 @@ def write_real_subset(folder: Path, per_class: int | None) -> Path:
     real = load_real("fashion-mnist", split="train", resolution=32)
     keep = (torch.arange(len(real)) if per_class is None else
             torch.cat([(real.labels == c).nonzero().flatten()[:per_class] for c in range(len(real.class_names))]))
+    images = real.images[keep].float() / 255.0  # (n, 3, 32, 32) in [0, 1]
+    if autoencode:
+        images = autoencoded(images)
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "gen.npz", x=real.images[keep].float().numpy() / 255.0, y=real.labels[keep].numpy())
+    np.savez(folder / "gen.npz", x=images.numpy(), y=real.labels[keep].numpy())
     return folder / "gen.npz"
+
+
+def autoencoded(images, batch_size: int = 250):
+    """(n, 3, R, R) in [0, 1] -> the same images encoded (posterior mean) and decoded by the embedded public VAE,
+    then ITU-R 601 luma replicated to 3 channels (what --image_mode L saves), quantised to 8 bits."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+
+    vae = AutoencoderKL.from_pretrained(str(EMBEDDED_MODEL_PATH), subfolder="vae").eval()
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    out = []
+    with torch.no_grad():
+        for batch in images.split(batch_size):
+            decoded = vae.decode(vae.encode(batch * 2 - 1).latent_dist.mean).sample
+            gray = ((decoded.clamp(-1, 1) + 1) / 2 * luma).sum(1, keepdim=True)
+            out.append((gray * 255).round().div(255).expand(-1, 3, -1, -1))
+    return torch.cat(out)
 
 
 def _public_prompts() -> list[str]:
@@ -250,13 +344,14 @@ def main():
     if args.ablation:
         return run_plan(ablation_plan(), args)
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
-    # at epsilon 10 over the seeds, the two references, then epsilon 1, then the LoDA and sparse-selection
+    # at epsilon 10 over the seeds, the references, the decoder comparison, then epsilon 1, then the LoDA and sparse-selection
     # rows of the seed papers 003/004, then epsilon 2 and 5 (one seed, for the accuracy-vs-epsilon curve),
     # then one seed of every other variant (epsilon 10 first).
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
-    plan += [(name, "real", None, "0") for name in REAL_CALIBRATION]
+    plan += [(name, "real", None, "0") for name in (*REAL_CALIBRATION, AUTOENCODED[0])]
+    plan += decoder_comparison_plan()  # paired, validation split: does the refined decoder help?
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     # the other papers' methods (issue 15), LoDA and sparse entries first
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
@@ -275,6 +370,19 @@ def ablation_plan() -> list[tuple]:
     synthesis_only = [(f"DP-SAPF ablation: {name}", "10", [], "0", "validation", tuple(flags), defaults)
                       for name, flags in SYNTHESIS_ABLATION.items()]
     return training[:2] + synthesis_only + training[2:]
+
+
+def decoder_comparison_plan() -> list[tuple]:
+    """DECODER_COMPARISON's runs: each adapter (seed 0, epsilon 10; the public model: none) scored on the
+    validation split with the current public model and with PUBLIC_MODEL_V1's, into docs/results/decoder/."""
+    plan, v1 = [], public_model_v1()
+    for method in DECODER_COMPARISON:
+        epsilon, flags = ("public", None) if method == PUBLIC else ("10", METHODS[method])
+        adapter = run_key(method, epsilon, "0")
+        for decoder, extra in (("refined decoder", ()),
+                               ("public model v1 decoder", ("--pretrained_model_name_or_path", str(v1)))):
+            plan.append((f"{method}: {decoder}", epsilon, flags, "0", "validation", extra, adapter, "decoder"))
+    return plan
 
 
 def run_plan(plan: list[tuple], args) -> None:
