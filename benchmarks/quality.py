@@ -142,20 +142,21 @@ def check_current(result_file: Path) -> None:
                            f"{public_model_fingerprint()}): move it to an archive folder or delete it to re-run")
 
 
-def public_model_v1() -> Path:
-    """runs/public-model-v1: the embedded public model as of PUBLIC_MODEL_V1_COMMIT (git), written once."""
+def public_model_v1(target: Path = PUBLIC_MODEL_V1) -> Path:
+    """`target` (runs/public-model-v1): the embedded public model as of PUBLIC_MODEL_V1_COMMIT, written once from
+    git (the benchmark runs in a clone with its history)."""
     from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 
-    if not (PUBLIC_MODEL_V1 / "model_index.json").exists():
+    if not (target / "model_index.json").exists():
         tree = EMBEDDED_MODEL_PATH.relative_to(ROOT)
         files = subprocess.run(["git", "ls-tree", "-r", "--name-only", PUBLIC_MODEL_V1_COMMIT, str(tree)],
                                cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
         for name in files:
-            target = PUBLIC_MODEL_V1 / Path(name).relative_to(tree)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(subprocess.run(["git", "show", f"{PUBLIC_MODEL_V1_COMMIT}:{name}"], cwd=ROOT,
+            file = target / Path(name).relative_to(tree)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(subprocess.run(["git", "show", f"{PUBLIC_MODEL_V1_COMMIT}:{name}"], cwd=ROOT,
                                               check=True, capture_output=True).stdout)
-    return PUBLIC_MODEL_V1
+    return target
 
 
 def run_measured(cmd: list[str], log: Path) -> dict:
@@ -351,7 +352,7 @@ def main():
     plan = [(m, "10", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     plan += [(PUBLIC, "public", None, "0"), (NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(name, "real", None, "0") for name in (*REAL_CALIBRATION, AUTOENCODED[0])]
-    plan += decoder_comparison_plan()  # paired, validation split: does the refined decoder help?
+    plan += decoder_comparison_plan(public_model_v1())  # paired, validation split: does the refined decoder help?
     plan += [(m, "1", METHODS[m], seed) for seed in args.seeds for m in main_methods]
     # the other papers' methods (issue 15), LoDA and sparse entries first
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
@@ -372,10 +373,11 @@ def ablation_plan() -> list[tuple]:
     return training[:2] + synthesis_only + training[2:]
 
 
-def decoder_comparison_plan() -> list[tuple]:
+def decoder_comparison_plan(v1: Path) -> list[tuple]:
     """DECODER_COMPARISON's runs: each adapter (seed 0, epsilon 10; the public model: none) scored on the
-    validation split with the current public model and with PUBLIC_MODEL_V1's, into docs/results/decoder/."""
-    plan, v1 = [], public_model_v1()
+    validation split with the current public model and with the one in `v1` (public_model_v1()), into
+    docs/results/decoder/."""
+    plan = []
     for method in DECODER_COMPARISON:
         epsilon, flags = ("public", None) if method == PUBLIC else ("10", METHODS[method])
         adapter = run_key(method, epsilon, "0")

@@ -10,15 +10,21 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import ABLATION, CURVE_EPSILONS, EPSILONS, METHODS, NON_PRIVATE, PUBLIC, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS, SYNTHESIS_ABLATION, slug
+from quality import (ABLATION, AUTOENCODED, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, METHODS, NON_PRIVATE,
+                     PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+                     SYNTHESIS_ABLATION, check_current, public_model_fingerprint, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_runs() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*_eps*_seed*.json"))]
+def load_runs(folder: Path = RESULTS) -> list[dict]:
+    """Every result JSON directly in `folder`; raises if one was made with another public model."""
+    paths = sorted(folder.glob("*_eps*_seed*.json"))
+    for path in paths:
+        check_current(path)
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def summary(runs: list[dict]) -> dict:
@@ -70,7 +76,7 @@ def main_table(table: dict, runs: list[dict]) -> str:
                 + " | ".join([cell(table.get(NON_PRIVATE[0], {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
     rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
                 + " (no DP) |")
-    for name in REAL_CALIBRATION:
+    for name in (AUTOENCODED[0], *REAL_CALIBRATION):
         rows.append(f"| {name} | (real data) | " + " | ".join([cell(table.get(name, {}).get("inf"))] * len(EPSILONS))
                     + " (no DP) |")
     return "\n".join(rows)
@@ -166,10 +172,10 @@ def compute_table(runs: list[dict], epsilon: str) -> str:
 def ablation_table() -> str:
     """DP-SAPF's ablation at epsilon 10 (quality.py --ablation), scored on the validation split: one row per
     variant, in ABLATION / SYNTHESIS_ABLATION order, with its difference to "defaults"."""
-    runs = {r["method"].removeprefix("DP-SAPF ablation: "): r
-            for r in map(lambda p: json.loads(p.read_text()), sorted((RESULTS / "ablation").glob("*.json")))}
+    runs = {r["method"].removeprefix("DP-SAPF ablation: "): r for r in load_runs(RESULTS / "ablation")}
     if not runs:
-        return "(not run yet: `python benchmarks/quality.py --ablation`)"
+        return ("(not run on this public model yet: `python benchmarks/quality.py --ablation`; the run on the first "
+                "decoder, which chose today's defaults, is in [the archive](results/public-model-v1/results.md))")
     base = runs.get("defaults")
     rows = ["| variant | FID | Acc on validation (%) | vs defaults (points) | DP-SGD sigma | train s | synthesis s |",
             "|---|---|---|---|---|---|---|"]
@@ -185,6 +191,21 @@ def ablation_table() -> str:
         rows.append(f"| {name} | {run['fid']:.2f} | {100 * run['acc']:.1f} | {difference} | "
                     f"{sigma:.3g} | {train_seconds if train_seconds is not None else '?'}{shared} | "
                     f"{run['stages']['synthesis']['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def decoder_table() -> str:
+    """DECODER_COMPARISON (quality.py, docs/results/decoder/): each adapter's images with the refined and with
+    the first public model's VAE decoder, same latents' seed, scored on the validation split."""
+    runs = {r["method"]: r for r in load_runs(RESULTS / "decoder")}
+    rows = ["| adapter | refined decoder: FID / Acc (%) | v1 decoder: FID / Acc (%) | Acc refined - v1 (points) |",
+            "|---|---|---|---|"]
+    for method in DECODER_COMPARISON:
+        new, old = runs.get(f"{method}: refined decoder"), runs.get(f"{method}: public model v1 decoder")
+        show = lambda r: "not run" if r is None else f"{r['fid']:.2f} / {100 * r['acc']:.1f}"
+        gain = "" if new is None or old is None else f"{100 * (new['acc'] - old['acc']):+.1f}"
+        label = method if method == PUBLIC else f"{method}, epsilon 10, seed 0"
+        rows.append(f"| {label} | {show(new)} | {show(old)} | {gain} |")
     return "\n".join(rows)
 
 
@@ -220,6 +241,10 @@ def main():
 
 Produced by `python benchmarks/quality.py --jobs 2 && python benchmarks/render_results.py`; each run's numbers
 are in `docs/results/<method>_eps<epsilon>_seed<k>.json` and the table below is rendered from `docs/results/summary.json`.
+Every row was made with the embedded public model whose weights hash to `{public_model_fingerprint()}` (the VAE
+decoder refined by `examples/refine_public_decoder.py`; quality.py refuses results made with another). The
+previous table, made with the first decoder (commit {PUBLIC_MODEL_V1_COMMIT}), is archived with its JSONs in
+[results/public-model-v1/](results/public-model-v1/results.md).
 
 **Scale (2 CPU cores, all methods identical, nothing tuned on the test split):** {json.dumps(SCALE)}.
 delta = 1/(N ln N); calibration with the PLD accountant; automatic clipping (C = 1) for both stages; the selection
@@ -234,6 +259,17 @@ the synthetic images (epoch picked on a held-out synthetic split).
 ## FID (lower is better) / downstream accuracy (higher is better)
 
 {main_table(table, runs)}
+
+"{AUTOENCODED[0]}" is the ceiling of every latent-diffusion row: the same real images encoded and decoded by
+the public model's VAE (saved as luma, like the synthetic rows).
+
+## Does the refined decoder help? (paired, validation split)
+
+The same adapters' latents (same synthesis seed) decoded by the refined decoder and by the first one (encoder,
+UNet and latent space are identical), the classifier tested on Fashion-MNIST training images 50,000-59,999 (never
+trained on at N = {SCALE['max_train_samples']:,}), so the choice of decoder is never made on the test split.
+
+{decoder_table()}
 
 ## Accuracy vs epsilon (DP-SAPF and DP-LoRA; bars: +- 1 std over seeds where seeded)
 

@@ -1,14 +1,19 @@
 """benchmarks/quality.py's plan and its real-data calibration rows (the runs themselves are benchmarks, not tests)."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from diffusers import AutoencoderKL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
 
 from peft_dp_saliency.metrics import load_real, load_synthetic  # noqa: E402
+from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH  # noqa: E402
 
 
 def test_every_run_has_its_own_result_file():
@@ -39,3 +44,69 @@ def test_real_calibration_subset_is_the_first_images_of_each_class(tmp_path):
     assert subset.labels.tolist() == [c for c in range(10) for _ in range(3)]
     first = torch.cat([(real.labels == c).nonzero().flatten()[:3] for c in range(10)])
     assert torch.equal(subset.images, real.images[first])  # bit-exact through gen.npz's float [0, 1]
+
+
+def _result(tmp_path, method, fingerprint):
+    path = tmp_path / "run_eps10_seed0.json"
+    path.write_text(json.dumps({"method": method, "public_model": fingerprint}))
+    return path
+
+
+def test_a_result_made_with_another_public_model_is_refused(tmp_path):
+    current = quality.public_model_fingerprint()
+    quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3)", current))
+    for stale in ("0123456789abcdef", None):  # another model's hash, or a result from before fingerprints
+        with pytest.raises(RuntimeError, match="another public model"):
+            quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3)", stale))
+        with pytest.raises(RuntimeError, match="another public model"):
+            quality.check_current(_result(tmp_path, quality.AUTOENCODED[0], stale))  # it reads the VAE
+    quality.check_current(_result(tmp_path, "Real training images (100 per class)", None))  # no model involved
+
+
+def test_the_fingerprint_changes_with_any_weight_file(tmp_path):
+    for name in ("unet", "vae"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    before = quality.public_model_fingerprint(tmp_path)
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"weightz")
+    assert quality.public_model_fingerprint(tmp_path) != before
+
+
+def test_the_decoder_comparison_is_paired_and_scored_on_the_validation_split(tmp_path):
+    plan = quality.decoder_comparison_plan(tmp_path)
+    assert len(plan) == 2 * len(quality.DECODER_COMPARISON)
+    for refined, v1 in zip(plan[::2], plan[1::2]):
+        # the same adapter (the test-split run's, seed 0) and synthesis seed; only the base model differs
+        assert refined[1:4] == v1[1:4] and refined[6] == v1[6] == quality.run_key(refined[0].split(":")[0],
+                                                                                 refined[1], "0")
+        assert refined[4] == v1[4] == "validation" and refined[7] == v1[7] == "decoder"
+        assert refined[5] == () and v1[5] == ("--pretrained_model_name_or_path", str(tmp_path))
+        # the refined run resumes the adapter run's own images instead of drawing them again
+        assert quality.synthetic_folder("x", refined[6], refined[5]) == quality.RUNS / f"{refined[6]}-synthetic"
+        assert quality.synthetic_folder("x", v1[6], v1[5]) != quality.synthetic_folder("x", refined[6], ())
+
+
+def test_public_model_v1_is_the_first_decoder_with_the_same_unet(tmp_path):
+    known = subprocess.run(["git", "cat-file", "-e", quality.PUBLIC_MODEL_V1_COMMIT], cwd=quality.ROOT)
+    if known.returncode != 0:
+        pytest.skip(f"this clone lacks commit {quality.PUBLIC_MODEL_V1_COMMIT} (shallow)")
+    v1 = quality.public_model_v1(tmp_path / "v1")
+    current = EMBEDDED_MODEL_PATH
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (v1 / unet).read_bytes() == (current / unet).read_bytes()
+    v1_vae, vae = (AutoencoderKL.from_pretrained(str(path), subfolder="vae") for path in (v1, current))
+    old, new = v1_vae.state_dict(), vae.state_dict()
+    decoder = [name for name in new if name.startswith(("decoder.", "post_quant_conv."))]
+    assert all(torch.equal(new[name], old[name]) for name in new if name not in decoder)  # encoder: same latents
+    assert not all(torch.equal(new[name], old[name]) for name in decoder)  # the decoder is the first one
+
+
+def test_the_autoencoded_row_is_real_images_through_the_public_vae_as_luma():
+    real = load_real("fashion-mnist", split="train").images[:20].float() / 255.0
+    out = quality.autoencoded(real)
+    assert out.shape == real.shape
+    assert torch.equal(out[:, 0], out[:, 1]) and torch.equal(out[:, 0], out[:, 2])  # luma, replicated
+    assert torch.equal((out * 255).round(), out * 255)  # 8-bit, like a saved PNG
+    error = (out - real).pow(2).mean()
+    assert 0 < error < 0.05  # a lossy reconstruction of the image, not the image and not noise
+    assert torch.equal(out, quality.autoencoded(real))  # deterministic (the posterior mean)
