@@ -430,3 +430,22 @@ def test_the_select_command_runs_on_the_family(name, tmp_path):
     candidates = get_family(name).candidates(get_family(name).denoiser(build(name)), "attn_qkv")
     assert {m for members in result["units"].values() for m in members} == set(candidates)
     assert result["selected"] and result["privacy"]["epsilon"]["pld"] > 0
+
+
+def test_a_hub_id_is_read_through_cache_dir_offline(tmp_path):
+    """--cache_dir reaches the config reads that come before any download (family and resolution): a Hub id
+    whose snapshot lies only in `cache_dir` (huggingface_hub's layout) resolves offline; without it, it does not."""
+    commit = "0" * 40
+    repo = tmp_path / "models--example-org--tiny-sd"
+    snapshot = repo / "snapshots" / commit
+    for name in ("model_index.json", "vae/config.json", "unet/config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes((EMBEDDED_MODEL_PATH / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    family = detect_family("example-org/tiny-sd", cache_dir=str(tmp_path))
+    assert family.name == "sd"
+    vae_size = json.loads((EMBEDDED_MODEL_PATH / "vae/config.json").read_text())["sample_size"]
+    assert family.default_resolution("example-org/tiny-sd", cache_dir=str(tmp_path)) == vae_size
+    with pytest.raises(OSError):  # offline, another cache does not hold it
+        detect_family("example-org/tiny-sd", cache_dir=str(tmp_path / "elsewhere"))

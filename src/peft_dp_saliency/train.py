@@ -143,7 +143,7 @@ def model_family(source, args) -> ModelFamily:
     """The model family of a loaded pipeline or of --pretrained_model_name_or_path (from its
     model_index.json), with the run's loss options, checked before anything is read: a local folder
     must hold that family's files; an unsupported pipeline or loss option exits."""
-    family = _model_family(source, args.revision) if isinstance(source, str) else None
+    family = _model_family(source, args.revision, args.cache_dir) if isinstance(source, str) else None
     with input_errors("the pipeline"):
         family = family or detect_family(source)
     options = loss_options(args)
@@ -154,7 +154,7 @@ def model_family(source, args) -> ModelFamily:
     return type(family)(**options) if options else family
 
 
-def _model_family(path: str, revision: str | None = None) -> ModelFamily:
+def _model_family(path: str, revision: str | None = None, cache_dir: str | None = None) -> ModelFamily:
     """The family of a model folder / Hub id, its folder checked for that family's files."""
     folder = Path(path).expanduser()
     if not folder.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
@@ -164,7 +164,7 @@ def _model_family(path: str, revision: str | None = None) -> ModelFamily:
                          "(missing model_index.json): pass a folder saved with <Pipeline>.save_pretrained "
                          f"(supported: {', '.join(SUPPORTED_PIPELINES)}) or a Hub model id")
     with input_errors(f"cannot load the model {path}"):
-        family = detect_family(path, revision=revision)
+        family = detect_family(path, revision=revision, cache_dir=cache_dir)
     missing = family.missing_files(folder) if folder.exists() else []
     if missing:
         raise SystemExit(f"--pretrained_model_name_or_path {path} is not a diffusers {family.pipeline_class_name} "
@@ -428,7 +428,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
     # Setup: every input error surfaces here, before the ledger records any spending.
     model_source = pipeline if pipeline is not None else args.pretrained_model_name_or_path
     with input_errors(f"cannot load the model {args.pretrained_model_name_or_path}"):
-        resolution = args.resolution or family.default_resolution(model_source, args.revision)
+        resolution = args.resolution or family.default_resolution(model_source, args.revision, args.cache_dir)
     with input_errors("unsupported --resolution"):
         family.check_resolution(resolution)
     with input_errors("cannot load the sensitive dataset"):

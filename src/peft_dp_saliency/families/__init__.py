@@ -38,9 +38,9 @@ def get_family(name: str, **options) -> ModelFamily:
     return FAMILIES[name](**options)
 
 
-def pipeline_class_name(source, revision: str | None = None) -> str:
+def pipeline_class_name(source, revision: str | None = None, cache_dir: str | None = None) -> str:
     """The diffusers pipeline class of `source`: a pipeline (or its class), a model_index dict, a model
-    folder or its model_index.json, or a Hub id (reads only model_index.json)."""
+    folder or its model_index.json, or a Hub id (reads only model_index.json, through `cache_dir` if given)."""
     if isinstance(source, dict):
         name = source.get("_class_name")
     elif isinstance(source, type):
@@ -56,7 +56,7 @@ def pipeline_class_name(source, revision: str | None = None) -> str:
         else:
             from diffusers import DiffusionPipeline
 
-            name = DiffusionPipeline.load_config(str(source), revision=revision).get("_class_name")
+            name = DiffusionPipeline.load_config(str(source), revision=revision, cache_dir=cache_dir).get("_class_name")
     else:
         name = _known_base(type(source)) or type(source).__name__
     if not isinstance(name, str):
@@ -72,13 +72,13 @@ def _known_base(cls: type) -> str | None:
     return None
 
 
-def detect_family(source, revision: str | None = None, **options) -> ModelFamily:
+def detect_family(source, revision: str | None = None, cache_dir: str | None = None, **options) -> ModelFamily:
     """The ModelFamily of a model (see :func:`pipeline_class_name` for `source`).
 
     Raises ValueError naming the supported pipelines for any other class: cheap, so call it before any
     data is read.
     """
-    name = pipeline_class_name(source, revision)
+    name = pipeline_class_name(source, revision, cache_dir)
     if name not in _BY_PIPELINE:
         raise ValueError(f"unsupported pipeline {name!r}: DP training supports "
                          f"{', '.join(SUPPORTED_PIPELINES)}")

@@ -101,13 +101,13 @@ def multiplicity(latents: torch.Tensor, noise: torch.Tensor) -> int:
     return noise.shape[0] // batch
 
 
-def component_config(source, component: str, revision: str | None = None) -> dict:
+def component_config(source, component: str, revision: str | None = None, cache_dir: str | None = None) -> dict:
     """The config dict of a pipeline component ('vae', 'unet', ...): read from a model folder / Hub id
-    (its config.json only) or taken from a loaded pipeline."""
+    (its config.json only, through `cache_dir` if given) or taken from a loaded pipeline."""
     if isinstance(source, (str, Path)):
         from diffusers import AutoencoderKL  # load_config only reads the folder's config.json
 
-        return AutoencoderKL.load_config(str(source), subfolder=component, revision=revision)
+        return AutoencoderKL.load_config(str(source), subfolder=component, revision=revision, cache_dir=cache_dir)
     return dict(getattr(source, component).config)
 
 
@@ -176,15 +176,16 @@ class ModelFamily:
         missing = [f for f in self.required_files() if not (folder / f).is_file()]
         return missing + [f"{t}/" for t in self.tokenizer_attrs if not (folder / t).is_dir()]
 
-    def default_resolution(self, pretrained_model_name_or_path, revision: str | None = None) -> int:
-        """The training resolution when none is given: the VAE's sample_size (as train.py does), else
-        the denoiser's sample_size times the VAE downsampling. The source: a model folder / Hub id, or a
-        loaded pipeline."""
-        vae = component_config(pretrained_model_name_or_path, "vae", revision)
+    def default_resolution(self, pretrained_model_name_or_path, revision: str | None = None,
+                           cache_dir: str | None = None) -> int:
+        """The training resolution (pixels) when none is given: the VAE's sample_size (as train.py does), else
+        the denoiser's sample_size times the VAE downsampling. The source: a model folder / Hub id (read
+        through `cache_dir`), or a loaded pipeline."""
+        vae = component_config(pretrained_model_name_or_path, "vae", revision, cache_dir)
         if "sample_size" in vae:
             size = vae["sample_size"]
             return int(size[0] if isinstance(size, (list, tuple)) else size)
-        den = component_config(pretrained_model_name_or_path, self.denoiser_attr, revision)
+        den = component_config(pretrained_model_name_or_path, self.denoiser_attr, revision, cache_dir)
         blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
         return int(den.get("sample_size", 64)) * 2 ** (len(blocks) - 1)
 

@@ -55,8 +55,9 @@ class StableDiffusionFamily(_DDPMFamily):
         kwargs = {"safety_checker": None, "requires_safety_checker": False, **kwargs}
         return super().load_pipeline(pretrained_model_name_or_path, **kwargs)
 
-    def default_resolution(self, pretrained_model_name_or_path, revision=None) -> int:
-        return int(component_config(pretrained_model_name_or_path, "vae", revision).get("sample_size", 512))
+    def default_resolution(self, pretrained_model_name_or_path, revision=None, cache_dir=None) -> int:
+        vae = component_config(pretrained_model_name_or_path, "vae", revision, cache_dir)
+        return int(vae.get("sample_size", 512))
 
     def encode_prompts(self, pipe, prompts, resolution=None, **kwargs):
         """{"encoder_hidden_states": (K, T, D)}: the text encoder's last hidden states (diffusion.encode_prompts)."""
