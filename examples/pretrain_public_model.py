@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, GRID_PROMPTS, architecture
+from peft_dp_saliency.public_model.card import training_table
 from peft_dp_saliency.public_model.corpus import augment, build_corpus, random_captions
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
 
@@ -227,8 +228,8 @@ def write_model_card(args, corpus, pipe, progress):
     sizes = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
              for name in ("vae", "unet", "text_encoder")}
     size_rows = "\n".join(f"| {k} | {v / 1e6:.2f} M |" for k, v in sizes.items())
-    stage_rows = "\n".join(f"| {k} | {v['steps']} | {v['seconds'] / 60:.1f} | {v['loss']:.4f} |"
-                           for k, v in progress.items())
+    stage_table = training_table([f"| {k} | {v['steps']} | {v['seconds'] / 60:.1f} | {v['loss']:.4f} |"
+                                 for k, v in progress.items()])
     card = ModelCard(f"""---
 library_name: diffusers
 license: apache-2.0
@@ -254,9 +255,7 @@ Augmented on the fly: scale, shift, rotation, white/black/random backgrounds, br
 {size_rows}
 
 ## Training compute (2 CPU cores)
-| stage | steps | minutes | final loss (EMA) |
-|---|---|---|---|
-{stage_rows}
+{stage_table}
 
 Batch {args.vae_batch_size} (VAE, MSE + 1e-6 KL), {args.train_batch_size} (UNet + text encoder, epsilon MSE,
 {args.caption_dropout:.0%} caption dropout); AdamW, lr {args.vae_learning_rate} / {args.learning_rate}.

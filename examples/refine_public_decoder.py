@@ -20,12 +20,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH, GRID_PROMPTS
+from peft_dp_saliency.public_model.card import add_training_row
 from peft_dp_saliency.public_model.corpus import augment, build_corpus
 from peft_dp_saliency.public_model.decoder import refine_decoder
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
-
-CARD_TABLE_HEADER = "| stage | steps | minutes | final loss (EMA) |\n|---|---|---|---|\n"
-
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,15 +36,6 @@ def parse_args():
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
-
-
-def add_card_row(card: Path, row: str) -> None:
-    """Append `row` to the model card's training table (the last row of the table under its header)."""
-    text = card.read_text()
-    start = text.index(CARD_TABLE_HEADER) + len(CARD_TABLE_HEADER)
-    end = text.find("\n\n", start)
-    end = len(text) if end < 0 else end
-    card.write_text(text[:end] + "\n" + row + text[end:])
 
 
 def main():
@@ -70,7 +59,7 @@ def main():
     use_dpm_solver(pipe)
     prompt_grid(pipe, GRID_PROMPTS, per_prompt=8, seed=0).save(output_dir / "sample_grid.png")
     tail = losses[-100:]
-    add_card_row(output_dir / "README.md",
+    add_training_row(output_dir / "README.md",
                  f"| vae decoder refined, encoder frozen (batch {args.train_batch_size}, MSE, lr {args.learning_rate}) "
                  f"| {len(losses)} | {minutes:.1f} | {sum(tail) / len(tail):.4f} |")
     print(f"refined the decoder of {output_dir}: {len(losses)} steps in {minutes:.1f} min, "

@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+from peft_dp_saliency.public_model.card import TRAINING_TABLE_HEADER, add_training_row, training_table
 from peft_dp_saliency.public_model.corpus import SYNONYMS, caption_stems
 
 
@@ -65,3 +67,22 @@ def test_refining_the_decoder_leaves_the_latent_space_bit_identical():
     assert all(torch.equal(p, before[n]) for n, p in vae.named_parameters() if n.startswith(("encoder.", "quant_conv.")))
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])  # it learns to reconstruct
     assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+
+
+def test_a_training_row_is_appended_to_the_embedded_cards_table_and_nothing_else_changes(tmp_path):
+    card = tmp_path / "README.md"
+    original = (EMBEDDED_MODEL_PATH / "README.md").read_text()
+    card.write_text(original)
+    add_training_row(card, "| new stage | 10 | 0.5 | 0.1000 |")
+    lines, before = card.read_text().splitlines(), original.splitlines()
+    table = [i for i, line in enumerate(before) if line.startswith("| ") and i > before.index("| stage | steps | minutes | final loss (EMA) |")]
+    last = max(table)
+    assert lines[last + 1] == "| new stage | 10 | 0.5 | 0.1000 |"  # right after the table's last row
+    assert lines[:last + 1] + lines[last + 2:] == before  # nothing else moved
+    # a card that ends with its table gets the row too; one without the table is refused
+    card.write_text("# card\n\n" + training_table(["| vae | 1 | 0.1 | 0.5 |"]) + "\n")
+    add_training_row(card, "| unet | 2 | 0.2 | 0.4 |")
+    assert card.read_text() == "# card\n\n" + TRAINING_TABLE_HEADER + "| vae | 1 | 0.1 | 0.5 |\n| unet | 2 | 0.2 | 0.4 |\n"
+    card.write_text("# card without a table\n")
+    with pytest.raises(ValueError, match="no training-compute table"):
+        add_training_row(card, "| x | 1 | 1 | 1 |")
