@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from peft_dp_saliency import TrainingConfig, TrainingResult, fit
 from peft_dp_saliency.public_model import load_public_pipeline
 from peft_dp_saliency.select import SelectArguments
-from peft_dp_saliency.training_config import parser, parse_args
+from peft_dp_saliency.training_config import HELP_SECTIONS, help_section, parser, parse_args
 from script_runner import training_script
 
 pytestmark = pytest.mark.timeout(600)
@@ -84,6 +84,24 @@ def test_switches_lists_and_choices_parse_as_before():
         parse_args(["--clipping", "automatc"])
     with pytest.raises(SystemExit):
         parse_args(["--max_grad_nrom", "1"])
+
+
+def test_help_groups_every_flag_under_its_section_in_field_order():
+    p = parser()
+    groups = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups}
+    assert [t for t in groups if t in HELP_SECTIONS] == list(HELP_SECTIONS)
+    fields = [f.name for f in dataclasses.fields(TrainingConfig)]
+    assert {d for t in HELP_SECTIONS for d in groups[t]} == set(fields)  # every field (and its --no_ switch)
+    assert sum(len(set(groups[t])) for t in HELP_SECTIONS) == len(fields)  # each in one section
+    assert groups["options"] == ["help"]
+    assert help_section("target_epsilon") == "differential privacy" and help_section("max_train_steps") == "training"
+    assert help_section("selection_batch_size") == "saliency selection" and help_section("not_a_field") is None
+    text = p.format_help()
+    body = text[text.index("\noptions:"):]  # after the usage line, which names every flag
+    assert body.index("differential privacy:") < body.index("--target_epsilon") < body.index("saliency selection:")
+    # the select command's subset: its fields keep their sections
+    select_groups = {g.title: [a.dest for a in g._group_actions] for g in parser(SelectArguments)._action_groups}
+    assert "selection_ratio" in select_groups["saliency selection"]
 
 
 def test_select_command_uses_the_same_fields():

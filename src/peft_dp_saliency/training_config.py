@@ -234,13 +234,39 @@ SELECTION_FLAGS = ["selection_strategy", "candidate_pool", "selection_unit", "se
                    "selection_batch_size"]
 
 
+# --help lists TrainingConfig's flags under these headings: each section runs from its first field (in
+# TrainingConfig's order) to the next section's.
+HELP_SECTIONS = {"model and data": "pretrained_model_name_or_path", "training": "output_dir",
+                 "differential privacy": "target_epsilon", "saliency selection": "selection_strategy"}
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each flag's default and the module docstring as written."""
 
 
+def help_section(name: str) -> str | None:
+    """The HELP_SECTIONS heading of a TrainingConfig field (None for a flag TrainingConfig does not have)."""
+    order = [f.name for f in dataclasses.fields(TrainingConfig)]
+    if name not in order:
+        return None
+    starts = sorted((order.index(first), title) for title, first in HELP_SECTIONS.items())
+    return [title for start, title in starts if start <= order.index(name)][-1]
+
+
 def parser(config_class: type = TrainingConfig, **kwargs) -> HfArgumentParser:
-    """The argparse parser of a config dataclass (kwargs: ArgumentParser's, e.g. description)."""
-    return HfArgumentParser(config_class, **{"formatter_class": _HelpFormatter, **kwargs})
+    """The argparse parser of a config dataclass (kwargs: ArgumentParser's, e.g. description), its flags
+    grouped by HELP_SECTIONS in --help (a command's own flags stay under "options")."""
+    p = HfArgumentParser(config_class, **{"formatter_class": _HelpFormatter, **kwargs})
+    # HfArgumentParser puts a dataclass's fields in one group and argparse cannot move an action between
+    # groups through its public API; the group's action list is what add_argument_group would have filled.
+    options, groups = p._action_groups[1], {}
+    for action in list(options._group_actions):
+        title = help_section(action.dest)
+        if title is not None:
+            group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+            group._group_actions.append(action)
+            options._group_actions.remove(action)
+    return p
 
 
 def parse_args(argv=None, config_class: type = TrainingConfig, **kwargs):
