@@ -260,6 +260,7 @@ the synthetic images (epoch picked on a held-out synthetic split).
 
 {main_table(table, runs)}
 
+Rows "not run" have not been re-run on this public model; their first-decoder numbers are in the archive above.
 "{AUTOENCODED[0]}" is the ceiling of every latent-diffusion row: the same real images encoded and decoded by
 the public model's VAE (saved as luma, like the synthetic rows).
 
