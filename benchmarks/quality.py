@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,14 @@ def public_model_v1(target: Path = PUBLIC_MODEL_V1) -> Path:
     return target
 
 
+def in_fresh_process(function, *args):
+    """function(*args) in a spawned interpreter, so that this process stays small: Linux carries a parent's
+    peak RSS into its child's ru_maxrss through fork + exec, so a parent that once held the real training set
+    would inflate every later stage's "peak_rss_mb"."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
 def run_measured(cmd: list[str], log: Path) -> dict:
     """Run a subprocess; wall seconds and its own peak RSS (os.wait4 rusage, MB)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -221,9 +230,9 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
             stages["train"] = train(run_dir, epsilon, seed, train_flags, log)
     synthetic = synthetic_folder(key, adapter_key, synthesis_flags)
     if method in REAL_CALIBRATION:
-        synthetic = write_real_subset(synthetic, REAL_CALIBRATION[method])
+        synthetic = in_fresh_process(write_real_subset, synthetic, REAL_CALIBRATION[method])
     elif method == AUTOENCODED[0]:
-        synthetic = write_real_subset(synthetic, AUTOENCODED[1], autoencode=True)
+        synthetic = in_fresh_process(write_real_subset, synthetic, AUTOENCODED[1], True)
     else:
         stages["synthesis"] = run_measured([
             python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,

@@ -1,6 +1,7 @@
 """benchmarks/quality.py's plan and its real-data calibration rows (the runs themselves are benchmarks, not tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,8 @@ def test_the_autoencoded_row_is_real_images_through_the_public_vae_as_luma():
     error = (out - real).pow(2).mean()
     assert 0 < error < 0.05  # a lossy reconstruction of the image, not the image and not noise
     assert torch.equal(out, quality.autoencoded(real))  # deterministic (the posterior mean)
+
+
+def test_real_subsets_are_written_in_a_fresh_process_that_keeps_the_benchmark_small():
+    assert quality.in_fresh_process(os.getpid) != os.getpid()
+    assert quality.in_fresh_process(max, 2, 5) == 5
