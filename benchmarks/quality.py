@@ -15,6 +15,8 @@ Each seed is a fresh run: the DP noise, Poisson sampling and diffusion randomnes
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -119,8 +121,6 @@ def slug(method: str, epsilon: str, seed: str) -> str:
 def public_model_fingerprint(path: Path | None = None) -> str:
     """sha256 (hex, first 16) of the embedded public model's weight files (every *.safetensors, by relative
     path): results made with another public model are stale."""
-    import hashlib
-
     from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 
     root, digest = Path(path or EMBEDDED_MODEL_PATH), hashlib.sha256()
@@ -128,6 +128,12 @@ def public_model_fingerprint(path: Path | None = None) -> str:
         digest.update(str(weights.relative_to(root)).encode())
         digest.update(weights.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def current_public_model() -> str:
+    """The embedded public model's fingerprint, hashed once per process (it does not change during a run)."""
+    return public_model_fingerprint()
 
 
 def depends_on_public_model(method: str) -> bool:
@@ -138,9 +144,9 @@ def depends_on_public_model(method: str) -> bool:
 def check_current(result_file: Path) -> None:
     """Refuse a finished result made with another public model (it would be mixed into the table)."""
     result = json.loads(result_file.read_text())
-    if depends_on_public_model(result["method"]) and result.get("public_model") != public_model_fingerprint():
+    if depends_on_public_model(result["method"]) and result.get("public_model") != current_public_model():
         raise RuntimeError(f"{result_file} was made with another public model ({result.get('public_model')}, now "
-                           f"{public_model_fingerprint()}): move it to an archive folder or delete it to re-run")
+                           f"{current_public_model()}): move it to an archive folder or delete it to re-run")
 
 
 def public_model_v1(target: Path = PUBLIC_MODEL_V1) -> Path:
@@ -192,8 +198,6 @@ def synthetic_folder(key: str, adapter_key: str | None, synthesis_flags: tuple[s
         return RUNS / f"{key}-synthetic"
     if not synthesis_flags:
         return RUNS / f"{adapter_key}-synthetic"
-    import hashlib
-
     return RUNS / f"{adapter_key}-synthetic-{hashlib.sha1(' '.join(synthesis_flags).encode()).hexdigest()[:8]}"
 
 
@@ -245,7 +249,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
         "--epochs", str(SCALE["classifier_epochs"]), "--real_split", real_split], log)
     result = {"method": method, "epsilon": epsilon, "seed": seed, "scale": SCALE, "stages": stages,
               "load_average_at_end": os.getloadavg(), "synthesis_flags": list(synthesis_flags),
-              "public_model": public_model_fingerprint() if depends_on_public_model(method) else None,
+              "public_model": current_public_model() if depends_on_public_model(method) else None,
               **json.loads(metrics_file.read_text())}
     if train_flags is not None:
         report = json.loads((run_dir / "privacy_report.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from quality import (ABLATION, AUTOENCODED, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, METHODS, NON_PRIVATE,
                      PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
-                     SYNTHESIS_ABLATION, check_current, public_model_fingerprint, slug)
+                     SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
@@ -241,7 +241,7 @@ def main():
 
 Produced by `python benchmarks/quality.py --jobs 2 && python benchmarks/render_results.py`; each run's numbers
 are in `docs/results/<method>_eps<epsilon>_seed<k>.json` and the table below is rendered from `docs/results/summary.json`.
-Every row was made with the embedded public model whose weights hash to `{public_model_fingerprint()}` (the VAE
+Every row was made with the embedded public model whose weights hash to `{current_public_model()}` (the VAE
 decoder refined by `examples/refine_public_decoder.py`; quality.py refuses results made with another). The
 previous table, made with the first decoder (commit {PUBLIC_MODEL_V1_COMMIT}), is archived with its JSONs in
 [results/public-model-v1/](results/public-model-v1/results.md).

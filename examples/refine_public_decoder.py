@@ -25,6 +25,7 @@ from peft_dp_saliency.public_model.corpus import augment, build_corpus
 from peft_dp_saliency.public_model.decoder import refine_decoder
 from peft_dp_saliency.sampling import prompt_grid, use_dpm_solver
 
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", type=Path, default=EMBEDDED_MODEL_PATH,
@@ -60,8 +61,8 @@ def main():
     prompt_grid(pipe, GRID_PROMPTS, per_prompt=8, seed=0).save(output_dir / "sample_grid.png")
     tail = losses[-100:]
     add_training_row(output_dir / "README.md",
-                 f"| vae decoder refined, encoder frozen (batch {args.train_batch_size}, MSE, lr {args.learning_rate}) "
-                 f"| {len(losses)} | {minutes:.1f} | {sum(tail) / len(tail):.4f} |")
+                     f"| vae decoder refined, encoder frozen (batch {args.train_batch_size}, MSE, lr {args.learning_rate}) "
+                     f"| {len(losses)} | {minutes:.1f} | {sum(tail) / len(tail):.4f} |")
     print(f"refined the decoder of {output_dir}: {len(losses)} steps in {minutes:.1f} min, "
           f"MSE {sum(losses[:100]) / min(100, len(losses)):.4f} -> {sum(tail) / len(tail):.4f}")
 
