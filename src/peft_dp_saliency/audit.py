@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from .diffusion import EncodedDataset, per_sample_diffusion_loss
+from .diffusion import EncodedDataset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,11 +114,12 @@ def make_canaries(count: int, resolution: int, num_classes: int, seed: int,
 
 
 @torch.no_grad()
-def mean_diffusion_loss(unet, noise_scheduler, data: EncodedDataset, timesteps: list[int],
+def mean_diffusion_loss(family, denoiser, noise_scheduler, data: EncodedDataset, timesteps: list[int],
                         noises_per_timestep: int, seed: int, batch_size: int = 64) -> torch.Tensor:
-    """(m,) per-example diffusion loss averaged over fixed (timestep, noise) pairs.
+    """(m,) per-example diffusion loss of the family's denoiser, averaged over fixed (timestep, noise) pairs.
 
-    The pairs depend only on (seed, example index), so two models are scored on the same ones.
+    timesteps are on the training scale 0..num_train_timesteps (flow families: sigma = t / that). The
+    pairs depend only on (seed, example index), so two models are scored on the same ones.
     """
     generator = torch.Generator().manual_seed(seed)
     latents = data.latents
@@ -128,10 +129,10 @@ def mean_diffusion_loss(unet, noise_scheduler, data: EncodedDataset, timesteps: 
         for _ in range(noises_per_timestep):
             noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
             for idx in torch.arange(len(data)).split(batch_size):
-                batch_latents, states = data.batch(idx.to(latents.device))
-                steps = torch.full((len(idx),), t, dtype=torch.long, device=latents.device)
-                loss = per_sample_diffusion_loss(unet, noise_scheduler, batch_latents, states,
-                                                 noise[idx.to(latents.device)], steps)
+                batch_latents, conditioning = data.batch(idx.to(latents.device))
+                steps = family.fixed_timesteps(t, len(idx), latents.device)
+                loss = family.per_sample_loss(denoiser, noise_scheduler, batch_latents, conditioning,
+                                              noise[idx.to(latents.device)], steps)
                 total[idx] += loss.double().cpu()
             pairs += 1
     return (total / pairs).float()

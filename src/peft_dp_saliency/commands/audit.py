@@ -1,6 +1,9 @@
 """Empirical privacy audit of DP-SAPF: insert canaries, train with the real script, attack, bound epsilon.
 
     python examples/audit.py --target_epsilons 1 10 inf --output_dir runs/audit
+    python examples/audit.py --pretrained_model_name_or_path <an SDXL/SD3/Flux/Sana folder> --resolution 512
+
+Any supported pipeline family (peft_dp_saliency.families): loading, encoding and the canary loss go through it.
 
 1. m random-pattern canaries (each with its own class "canary <i>" by default, or labelled
    round-robin with the existing classes); a random half is inserted into the sensitive set
@@ -26,12 +29,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from peft_dp_saliency import accounting, audit, train
 from peft_dp_saliency.data import (DEFAULT_PROMPT_TEMPLATE, SensitiveImageDataset, load_sensitive_dataset,
                                    make_prompts)
-from peft_dp_saliency.diffusion import encode_dataset
+from peft_dp_saliency.families import detect_family
 from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
 
 # The audit wants the most memorisation DP allows: LoRA of rank 16 on every Linear layer. The
@@ -44,7 +46,12 @@ MEMORISING_TRAIN_ARGS = ("--candidate_pool", "all_linear", "--selection_ratio", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default="runs/audit")
-    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH))
+    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_MODEL_PATH),
+                   help="Any supported pipeline family (SD, SDXL, SD3, Flux, Sana); default the embedded model.")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="Image size of the sensitive set, the canaries and training (default: the model's).")
+    p.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5/Gemma prompt length of SD3/Flux/Sana (default: the pipeline's).")
     p.add_argument("--target_epsilons", nargs="+", type=float, default=[1.0, 10.0, math.inf])
     p.add_argument("--num_canaries", type=int, default=128, help="m; each is inserted by its own fair coin.")
     p.add_argument("--base_samples", type=int, default=32, help="Fashion-MNIST images besides the canaries.")
@@ -93,8 +100,8 @@ def build_sensitive_set(base: SensitiveImageDataset, canaries: audit.Canaries, c
     return len(images)
 
 
-def canary_losses(pipe, noise_scheduler, encoded, args) -> torch.Tensor:
-    return audit.mean_diffusion_loss(pipe.unet, noise_scheduler, encoded, args.timesteps,
+def canary_losses(family, pipe, noise_scheduler, encoded, args) -> torch.Tensor:
+    return audit.mean_diffusion_loss(family, family.denoiser(pipe), noise_scheduler, encoded, args.timesteps,
                                      args.noises_per_timestep, seed=args.canary_seed + 1)
 
 
@@ -107,7 +114,11 @@ def main(argv=None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets.disable_progress_bars()
-    base = load_sensitive_dataset(max_examples=args.base_samples)
+    family = detect_family(args.pretrained_model_name_or_path)  # SD, SDXL, SD3, Flux, Sana; else a clear error
+    resolution = args.resolution or family.default_resolution(args.pretrained_model_name_or_path)
+    family.check_resolution(resolution)
+    sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+    base = load_sensitive_dataset(max_examples=args.base_samples, resolution=resolution)
     canaries = audit.make_canaries(args.num_canaries, base.resolution, len(base.class_names), args.canary_seed,
                                    own_classes=args.canary_classes == "own", grid=args.canary_grid)
     class_names = base.class_names + canaries.new_class_names
@@ -121,14 +132,14 @@ def main(argv=None) -> dict:
         shutil.rmtree(model, ignore_errors=True)
         shutil.copytree(args.pretrained_model_name_or_path, model)
         args.pretrained_model_name_or_path = str(model)
-    pipe = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = family.load_pipeline(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    encoded = encode_dataset(pipe, canary_set, show_progress=False)
-    public_loss = canary_losses(pipe, noise_scheduler, encoded, args)
+    noise_scheduler = family.noise_scheduler(args.pretrained_model_name_or_path)
+    encoded = family.encode_dataset(pipe, canary_set, show_progress=False, resolution=resolution, **sequence)
+    public_loss = canary_losses(family, pipe, noise_scheduler, encoded, args)
 
-    results = {"setup": {"N": n, "base_samples": args.base_samples, "canaries": args.num_canaries,
+    results = {"setup": {"N": n, "family": family.name, "resolution": resolution,
+                         "base_samples": args.base_samples, "canaries": args.num_canaries,
                          "inserted": int(canaries.inserted.sum()), "target_delta": args.target_delta,
                          "max_train_steps": args.max_train_steps,
                          "expected_batch_size": args.expected_batch_size, "learning_rate": args.learning_rate,
@@ -152,12 +163,14 @@ def main(argv=None) -> dict:
                      "--learning_rate", str(args.learning_rate), "--target_delta", str(args.target_delta),
                      "--checkpointing_steps", str(args.max_train_steps),
                      "--pretrained_model_name_or_path", args.pretrained_model_name_or_path,
+                     "--resolution", str(resolution),
+                     *(["--max_sequence_length", str(args.max_sequence_length)] if sequence else []),
                      "--num_validation_images", "1", "--validation_prompt", base.prompts[0],
                      *args.train_args])
         train_seconds = time.time() - started
         report = accounting.PrivacyReport.load(str(run_dir / "privacy_report.json"))
         pipe.load_lora_weights(str(run_dir))
-        trained_loss = canary_losses(pipe, noise_scheduler, encoded, args)
+        trained_loss = canary_losses(family, pipe, noise_scheduler, encoded, args)
         pipe.unload_lora_weights()
         statistics = audit.membership_scores(trained_loss, public_loss)
         # Bonferroni over the statistics too: the headline is the best of them, so each is tested
@@ -176,6 +189,8 @@ def main(argv=None) -> dict:
                                                                  args.alpha)[0],
             "mean_loss_members": float(trained_loss[canaries.inserted].mean()),
             "mean_loss_non_members": float(trained_loss[~canaries.inserted].mean()),
+            # how far training moved the canaries' losses at all (0 exactly: the adapter changed nothing)
+            "mean_loss_gain": float((public_loss - trained_loss).mean()),
             "attacks": [a.to_dict() for a in attacks]})
         (out / "results.json").write_text(json.dumps(results, indent=2))
     print(markdown_table(results))

@@ -249,6 +249,11 @@ class ModelFamily:
         Drawn once per logical batch (n = B K rows), then sliced per micro-batch."""
         raise NotImplementedError
 
+    def fixed_timesteps(self, timestep: int, num_examples: int, device) -> torch.Tensor:
+        """(n,) copies of one training timestep (on the scheduler's 0..num_train_timesteps scale) in the
+        dtype per_sample_loss takes: integer indices for DDPM families."""
+        return torch.full((num_examples,), timestep, dtype=torch.long, device=device)
+
     def per_sample_loss(self, denoiser, noise_scheduler, latents: torch.Tensor, conditioning,
                         noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) loss per example, averaged over its K draws (noise/timesteps: B K rows, example-major)."""

@@ -53,6 +53,10 @@ class _FlowMatchingFamily(ModelFamily):
         prediction = self.predict(denoiser, noisy, timesteps, cond)
         return mean_squared_error(prediction, noise - latents, batch, k)
 
+    def fixed_timesteps(self, timestep, num_examples, device):
+        """Float timesteps (sigma = t / num_train_timesteps), like draw_inputs'."""
+        return torch.full((num_examples,), float(timestep), device=device)
+
     def predict(self, denoiser, noisy, timesteps, conditioning) -> torch.Tensor:
         """The denoiser's velocity prediction, latent-shaped."""
         raise NotImplementedError
