@@ -97,6 +97,15 @@ SYNTHESIS_ABLATION = {
     "50 sampling steps": ["--num_inference_steps", "50"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
+# How far this public UNet's linear layers can be fine-tuned at all at SCALE's compute, without DP: every Linear
+# (attention, feed-forward, projections, time embeddings) by a larger LoRA, or the matrices themselves. If these
+# stay near NON_PRIVATE, neither the DP noise nor the selection is what limits the private rows.
+CEILING = {
+    "LoRA w/o DP (all linear layers, rank 16)": ["--selection_strategy", "all", "--candidate_pool", "all_linear",
+                                                 "--rank", "16"],
+    "Fine-tuning w/o DP (all linear layers, no LoRA)": ["--selection_strategy", "all", "--candidate_pool",
+                                                        "all_linear", "--no_lora"],
+}
 PUBLIC = "Public model (no fine-tuning)"
 # Calibration rows: the same classifier and FID on real Fashion-MNIST training images instead of synthetic ones
 # (images per class; None = all 60,000), epsilon "real" (no privacy at all).
@@ -360,7 +369,7 @@ def main():
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
     # at epsilon 10 (seed 0), the cheap references (no training: the public model, the autoencoded ceiling,
     # the real rows) and the decoder comparison on those adapters, the other epsilon-10 seeds, the non-private
-    # run, then epsilon 1, then the LoDA and sparse-selection rows of the seed papers 003/004, then epsilon 2 and 5
+    # run, then epsilon 1, then the non-private ceiling of the linear layers, then the LoDA and sparse-selection rows of the seed papers 003/004, then epsilon 2 and 5
     # (one seed, for the accuracy-vs-epsilon curve), then one seed of every other variant (epsilon 10 first).
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     seeds = list(args.seeds)
@@ -371,6 +380,7 @@ def main():
     plan += [(m, "10", METHODS[m], seed) for seed in seeds[1:] for m in main_methods]
     plan += [(NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in seeds for m in main_methods]
+    plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     # the other papers' methods (issue 15), LoDA and sparse entries first
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
     plan += [(m, e, METHODS[m], "0") for e in EPSILONS for m in seed_methods]

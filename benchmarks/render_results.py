@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import (ABLATION, AUTOENCODED, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, METHODS, NON_PRIVATE,
-                     PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, METHODS,
+                     NON_PRIVATE, PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
@@ -72,8 +72,9 @@ def main_table(table: dict, runs: list[dict]) -> str:
         for eps in EPSILONS:
             cells.append(cell(table.get(method, {}).get(eps)))
         rows.append(f"| {method} | {trainable_parameters(runs, method)} | " + " | ".join(cells) + " |")
-    rows.append(f"| {NON_PRIVATE[0]} | {trainable_parameters(runs, NON_PRIVATE[0], ('inf',))} | "
-                + " | ".join([cell(table.get(NON_PRIVATE[0], {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
+    for name in (NON_PRIVATE[0], *CEILING):
+        rows.append(f"| {name} | {trainable_parameters(runs, name, ('inf',))} | "
+                    + " | ".join([cell(table.get(name, {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
     rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
                 + " (no DP) |")
     for name in (AUTOENCODED[0], *REAL_CALIBRATION):

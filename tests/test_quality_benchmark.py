@@ -19,7 +19,7 @@ from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH  # noqa: E402
 
 def test_every_run_has_its_own_result_file():
     names = [*quality.METHODS, *quality.ABLATION, *quality.SYNTHESIS_ABLATION, *quality.REAL_CALIBRATION,
-             quality.NON_PRIVATE[0], quality.PUBLIC]
+             *quality.CEILING, quality.NON_PRIVATE[0], quality.PUBLIC]
     slugs = {quality.slug(name, epsilon, seed) for name in names for epsilon in ("1", "10") for seed in quality.SEEDS}
     assert len(slugs) == len(names) * 2 * len(quality.SEEDS)
 
