@@ -56,6 +56,10 @@ METHODS = {
     "Layer-level selection": ["--selection_unit", "layer"],
     "DP-SGD w/o LoRA (selected matrices)": ["--no_lora"],
     "DP-LoRA (q/k/v/o)": ["--selection_strategy", "all", "--candidate_pool", "attn_qkvo"],
+    # the paper's "All Param." pool: every nn.Linear of the UNet (83 matrices, 3x q/k/v's LoRA parameters),
+    # where more noisy coordinates give selection more to save; with DP-LoRA on the same pool
+    "DP-SAPF (all-linear pool)": ["--candidate_pool", "all_linear"],
+    "DP-LoRA (all linear layers)": ["--selection_strategy", "all", "--candidate_pool", "all_linear"],
     "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
     "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
     "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
@@ -98,11 +102,11 @@ SYNTHESIS_ABLATION = {
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 # How far this public UNet's linear layers can be fine-tuned at all at SCALE's compute, without DP: every Linear
-# (attention, feed-forward, projections, time embeddings) by a larger LoRA, or the matrices themselves. If these
-# stay near NON_PRIVATE, neither the DP noise nor the selection is what limits the private rows.
+# (attention, feed-forward, projections, time embeddings) by the LoRA of "DP-LoRA (all linear layers)", or the
+# matrices themselves. If these stay near NON_PRIVATE, neither the DP noise nor the selection is what limits the
+# private rows.
 CEILING = {
-    "LoRA w/o DP (all linear layers, rank 16)": ["--selection_strategy", "all", "--candidate_pool", "all_linear",
-                                                 "--rank", "16"],
+    "LoRA w/o DP (all linear layers)": METHODS["DP-LoRA (all linear layers)"],
     # AdamW moves every coordinate by ~lr per step: LoRA's 2e-3 on the full matrices would overwrite the public
     # weights (up to ~0.3 in 150 steps), so this row uses a full-fine-tuning learning rate (stated in its name)
     "Fine-tuning w/o DP (all linear layers, no LoRA, lr 2e-4)": ["--selection_strategy", "all", "--candidate_pool",
@@ -371,7 +375,8 @@ def main():
     # Order of importance, so an interrupted benchmark still has the main comparison: DP-SAPF vs DP-LoRA
     # at epsilon 10 (seed 0), the cheap references (no training: the public model, the autoencoded ceiling,
     # the real rows) and the decoder comparison on those adapters, the other epsilon-10 seeds, the non-private
-    # run, then epsilon 1, then the non-private ceiling of the linear layers, then the LoDA and sparse-selection rows of the seed papers 003/004, then epsilon 2 and 5
+    # run, then epsilon 1, then the non-private ceiling of the linear layers and the all-linear pair at
+    # epsilon 10, then the LoDA and sparse-selection rows of the seed papers 003/004, then epsilon 2 and 5
     # (one seed, for the accuracy-vs-epsilon curve), then one seed of every other variant (epsilon 10 first).
     main_methods = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
     seeds = list(args.seeds)
@@ -383,12 +388,14 @@ def main():
     plan += [(NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in seeds for m in main_methods]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
+    all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
+    plan += [(m, "10", METHODS[m], "0") for m in all_linear]
     # the other papers' methods (issue 15), LoDA and sparse entries first
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
     plan += [(m, e, METHODS[m], "0") for e in EPSILONS for m in seed_methods]
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
-             if m not in main_methods and m not in seed_methods]
+             if m not in (*main_methods, *seed_methods) and (m, e) not in {(m, "10") for m in all_linear}]
     run_plan(plan, args)
 
 
