@@ -232,6 +232,11 @@ def test_classifier_on_real_images_beats_chance_by_far(fmnist_test):
     result = downstream_accuracy(train, fmnist_test, epochs=1, batch_size=32, show_progress=False)
     assert result["acc"] > 0.6
     assert result["num_synthetic_held_out"] == 400 and result["best_epoch"] == 1
+    per_class = result["per_class_acc"]  # recall per real class; its support-weighted mean is the accuracy
+    assert list(per_class) == fmnist_test.class_names
+    support = torch.bincount(fmnist_test.labels, minlength=len(per_class)).double()
+    weighted = sum(a * n for a, n in zip(per_class.values(), support.tolist())) / support.sum()
+    assert weighted == pytest.approx(result["acc"])
 
 
 def test_label_set_mismatch_raises_and_an_empty_class_loads(baseline, tmp_path):

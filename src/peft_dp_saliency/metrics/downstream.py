@@ -13,6 +13,7 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy
 from tqdm.auto import tqdm
 
 from .image_sets import LabelledImages
@@ -102,14 +103,17 @@ def _as_input(images: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512, device="cpu") -> torch.Tensor:
+    """(N,) predicted class indices of `model` for uint8 images (N, 3, H, W)."""
+    model.eval()
+    return torch.cat([model(_as_input(images[start:start + batch_size], device)).argmax(1).cpu()
+                      for start in range(0, len(images), batch_size)])
+
+
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512,
              device="cpu") -> float:
     """Top-1 accuracy of `model` on uint8 images (N, 3, H, W) with labels (N,)."""
-    model.eval()
-    correct = sum((model(_as_input(images[start:start + batch_size], device)).argmax(1).cpu()
-                   == labels[start:start + batch_size]).sum().item()
-                  for start in range(0, len(images), batch_size))
-    return correct / len(images)
+    return (predict(model, images, batch_size, device) == labels).sum().item() / len(images)
 
 
 def train_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -151,7 +155,7 @@ def downstream_accuracy(synthetic: LabelledImages, real_test: LabelledImages, cl
     """Accuracy on the real test split of a classifier trained and selected on the synthetic set.
 
     Both sets must share class indices (see `image_sets.align_classes`). Returns {"acc",
-    "best_epoch" (1-based), "synthetic_held_out_acc" (per epoch), "num_synthetic_train",
+    "per_class_acc" ({real class name: accuracy on its test images}), "best_epoch" (1-based), "synthetic_held_out_acc" (per epoch), "num_synthetic_train",
     "num_synthetic_held_out", "classifier", "epochs"}.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -165,6 +169,10 @@ def downstream_accuracy(synthetic: LabelledImages, real_test: LabelledImages, cl
         (synthetic.images[held_out], synthetic.labels[held_out]), epochs=epochs, batch_size=batch_size,
         lr=lr, augment=augment, seed=seed, device=device, show_progress=show_progress)
     best = max(range(len(history)), key=history.__getitem__)
-    return {"acc": accuracy(model, real_test.images, real_test.labels, device=device),
+    predicted = predict(model, real_test.images, device=device)
+    per_class = multiclass_accuracy(predicted, real_test.labels, num_classes=len(real_test.class_names),
+                                    average=None)  # recall of each real class: which ones the synthetic set teaches
+    return {"acc": (predicted == real_test.labels).sum().item() / len(predicted),
+            "per_class_acc": dict(zip(real_test.class_names, per_class.tolist())),
             "best_epoch": best + 1, "synthetic_held_out_acc": history, "classifier": classifier,
             "epochs": epochs, "num_synthetic_train": len(train), "num_synthetic_held_out": len(held_out)}
