@@ -170,6 +170,21 @@ def compute_table(runs: list[dict], epsilon: str) -> str:
     return "\n".join(rows)
 
 
+def per_class_table(runs: list[dict]) -> str:
+    """Accuracy on each real test class of the classifier trained on each run's synthetic set (runs evaluated
+    since examples/evaluate.py reports it), in %."""
+    rated = [r for r in runs if "per_class_acc" in r.get("downstream", {})]
+    if not rated:
+        return "(no run evaluated with per-class accuracy yet)"
+    classes = list(rated[0]["downstream"]["per_class_acc"])
+    rows = ["| run | " + " | ".join(classes) + " | all |", "|---|" + "---:|" * (len(classes) + 1)]
+    for r in rated:
+        per_class = r["downstream"]["per_class_acc"]
+        rows.append(f"| {r['method']} eps {r['epsilon']} seed {r.get('seed', '0')} | "
+                    + " | ".join(f"{100 * per_class[c]:.0f}" for c in classes) + f" | {100 * r['acc']:.1f} |")
+    return "\n".join(rows)
+
+
 def ablation_table() -> str:
     """DP-SAPF's ablation at epsilon 10 (quality.py --ablation), scored on the validation split: one row per
     variant, in ABLATION / SYNTHESIS_ABLATION order, with its difference to "defaults"."""
@@ -272,6 +287,10 @@ UNet and latent space are identical), the classifier tested on Fashion-MNIST tra
 trained on at N = {SCALE['max_train_samples']:,}), so the choice of decoder is never made on the test split.
 
 {decoder_table()}
+
+## Which classes each synthetic set teaches (accuracy per real test class, %)
+
+{per_class_table(runs)}
 
 ## Accuracy vs epsilon (DP-SAPF and DP-LoRA; bars: +- 1 std over seeds where seeded)
 
