@@ -6,7 +6,8 @@
 Reports the Frechet distance and k-NN precision/recall against the real test split in one feature
 space (InceptionV3 pool3 when available locally, else the offline random-cnn-v1, named in
 `fid_features`), and the DPImageBench downstream accuracy: a classifier trained on the synthetic
-set, its epoch selected on held-out synthetic images, tested on the real test split.
+set, its epoch selected on held-out synthetic images, tested on the real test split (overall and per real
+class: `downstream.per_class_acc`).
 A DPImageBench gen.npz (`synthesize.py --output_format npz`, or any DPImageBench method's) is read
 as the synthetic set, so the numbers compare with DPImageBench's own evaluator.
 """
