@@ -394,8 +394,9 @@ def main():
     seed_methods = sorted((m for m in METHODS if "003" in m or "004" in m), key=lambda m: ("+" in m or "rows" in m))
     plan += [(m, e, METHODS[m], "0") for e in EPSILONS for m in seed_methods]
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
+    planned_all_linear = {(m, "10") for m in all_linear}
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
-             if m not in (*main_methods, *seed_methods) and (m, e) not in {(m, "10") for m in all_linear}]
+             if m not in (*main_methods, *seed_methods) and (m, e) not in planned_all_linear]
     run_plan(plan, args)
 
 

@@ -449,3 +449,13 @@ def test_a_hub_id_is_read_through_cache_dir_offline(tmp_path):
     assert family.default_resolution("example-org/tiny-sd", cache_dir=str(tmp_path)) == vae_size
     with pytest.raises(OSError):  # offline, another cache does not hold it
         detect_family("example-org/tiny-sd", cache_dir=str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fixed_timesteps_have_the_dtype_of_the_training_draws(name):
+    """The audit scores canaries at fixed timesteps: same dtype as draw_inputs' (DDPM: integer indices,
+    flow matching: float t with sigma = t / num_train_timesteps)."""
+    pipe, family, data, scheduler = setup(name)
+    _, drawn = draws(family, scheduler, data, 2)
+    fixed = family.fixed_timesteps(100, 3, "cpu")
+    assert fixed.dtype == drawn.dtype and fixed.tolist() == [100] * 3

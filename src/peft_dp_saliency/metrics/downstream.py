@@ -155,8 +155,8 @@ def downstream_accuracy(synthetic: LabelledImages, real_test: LabelledImages, cl
     """Accuracy on the real test split of a classifier trained and selected on the synthetic set.
 
     Both sets must share class indices (see `image_sets.align_classes`). Returns {"acc",
-    "per_class_acc" ({real class name: accuracy on its test images}), "best_epoch" (1-based), "synthetic_held_out_acc" (per epoch), "num_synthetic_train",
-    "num_synthetic_held_out", "classifier", "epochs"}.
+    "per_class_acc" ({real class name: accuracy on its test images}), "best_epoch" (1-based),
+    "synthetic_held_out_acc" (per epoch), "num_synthetic_train", "num_synthetic_held_out", "classifier", "epochs"}.
     """
     generator = torch.Generator().manual_seed(seed)
     train, held_out = stratified_split(synthetic.labels, held_out_fraction, generator)
