@@ -17,6 +17,7 @@ from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COM
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE_100_PER_CLASS = "results/100-per-class/results.md"  # the table at 100 synthetic images per class
 
 
 def load_runs(folder: Path = RESULTS) -> list[dict]:
@@ -214,6 +215,9 @@ def decoder_table() -> str:
     """DECODER_COMPARISON (quality.py, docs/results/decoder/): each adapter's images with the refined and with
     the first public model's VAE decoder, same latents' seed, scored on the validation split."""
     runs = {r["method"]: r for r in load_runs(RESULTS / "decoder")}
+    if not runs:
+        return (f"(not run at this scale: `python benchmarks/quality.py --decoder_comparison`; the comparison at 100 "
+                f"images per class is in [the previous table]({ARCHIVE_100_PER_CLASS}))")
     rows = ["| adapter | refined decoder: FID / Acc (%) | v1 decoder: FID / Acc (%) | Acc refined - v1 (points) |",
             "|---|---|---|---|"]
     for method in DECODER_COMPARISON:
@@ -255,12 +259,13 @@ def main():
     sigma_rows = "\n".join(f"| {m} | {e} | {v:.3g} |" for (m, e), v in sorted(sigma.items()))
     text = f"""# Results on the embedded default (tiny public model, Fashion-MNIST)
 
-Produced by `python benchmarks/quality.py --jobs 2 && python benchmarks/render_results.py`; each run's numbers
+Produced by `python benchmarks/quality.py --jobs 1 && python benchmarks/render_results.py`; each run's numbers
 are in `docs/results/<method>_eps<epsilon>_seed<k>.json` and the table below is rendered from `docs/results/summary.json`.
 Every row was made with the embedded public model whose weights hash to `{current_public_model()}` (the VAE
 decoder refined by `examples/refine_public_decoder.py`; quality.py refuses results made with another). The
-previous table, made with the first decoder (commit {PUBLIC_MODEL_V1_COMMIT}), is archived with its JSONs in
-[results/public-model-v1/](results/public-model-v1/results.md).
+table before this one (same public model, 100 synthetic images per class) is archived with its JSONs in
+[results/100-per-class/]({ARCHIVE_100_PER_CLASS}); the one before it, made with the first decoder (commit
+{PUBLIC_MODEL_V1_COMMIT}), in [results/public-model-v1/](results/public-model-v1/results.md).
 
 **Scale (2 CPU cores, all methods identical, nothing tuned on the test split):** {json.dumps(SCALE)}.
 delta = 1/(N ln N); calibration with the PLD accountant; automatic clipping (C = 1) for both stages; the selection
@@ -276,7 +281,8 @@ the synthetic images (epoch picked on a held-out synthetic split).
 
 {main_table(table, runs)}
 
-Rows "not run" have not been re-run on this public model; their first-decoder numbers are in the archive above.
+Rows "not run" have not been run at this scale yet; their numbers at 100 images per class or with the first
+decoder are in the archives above.
 "{AUTOENCODED[0]}" is the ceiling of every latent-diffusion row: the same real images encoded and decoded by
 the public model's VAE (saved as luma, like the synthetic rows).
 
@@ -304,7 +310,7 @@ trained on at N = {SCALE['max_train_samples']:,}), so the choice of decoder is n
 
 {selection_table(runs, "10")}
 
-## Compute per stage at epsilon = 10 (paper's Table 12; wall seconds on 1 thread, peak RSS of the process)
+## Compute per stage at epsilon = 10 (paper's Table 12; wall seconds on cores // jobs threads, peak RSS of the process)
 
 {compute_table(runs, "10")}
 

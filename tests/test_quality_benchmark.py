@@ -47,9 +47,9 @@ def test_real_calibration_subset_is_the_first_images_of_each_class(tmp_path):
     assert torch.equal(subset.images, real.images[first])  # bit-exact through gen.npz's float [0, 1]
 
 
-def _result(tmp_path, method, fingerprint):
+def _result(tmp_path, method, fingerprint, scale=None):
     path = tmp_path / "run_eps10_seed0.json"
-    path.write_text(json.dumps({"method": method, "public_model": fingerprint}))
+    path.write_text(json.dumps({"method": method, "public_model": fingerprint, "scale": scale or quality.SCALE}))
     return path
 
 
@@ -62,6 +62,18 @@ def test_a_result_made_with_another_public_model_is_refused(tmp_path):
         with pytest.raises(RuntimeError, match="another public model"):
             quality.check_current(_result(tmp_path, quality.AUTOENCODED[0], stale))  # it reads the VAE
     quality.check_current(_result(tmp_path, "Real training images (100 per class)", None))  # no model involved
+
+
+def test_a_result_made_at_another_scale_is_refused(tmp_path):
+    current = quality.public_model_fingerprint()
+    fewer_images = dict(quality.SCALE, images_per_class=quality.SCALE["images_per_class"] // 10)
+    with pytest.raises(RuntimeError, match="another scale.*images_per_class"):
+        quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3)", current, fewer_images))
+    # a real calibration row synthesizes nothing: only the evaluation's scale matters to it
+    real = "Real training images (100 per class)"
+    quality.check_current(_result(tmp_path, real, None, fewer_images))
+    with pytest.raises(RuntimeError, match="another scale.*classifier_epochs"):
+        quality.check_current(_result(tmp_path, real, None, dict(quality.SCALE, classifier_epochs=1)))
 
 
 def test_the_fingerprint_changes_with_any_weight_file(tmp_path):
