@@ -87,6 +87,29 @@ def main_table(table: dict, runs: list[dict]) -> str:
 CURVE_METHODS = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
 
 
+def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
+    """`first` minus `second` at each epsilon of EPSILONS, per metric: the seeds' values, the difference of the
+    means and Welch's two-sided t-test (scipy; unequal variances), so that "which method wins" is read from the
+    seeds and not from the means. Needs >= 2 seeds of each."""
+    from scipy.stats import ttest_ind
+
+    rows = ["| epsilon | metric | " + f"{first} (per seed) | {second} (per seed) | difference of means | Welch t | df "
+            "| two-sided p |", "|---|---|---|---|---|---|---|---|"]
+    for eps in EPSILONS:
+        values = {m: sorted(((r.get("seed", "0"), r) for r in runs if (r["method"], r["epsilon"]) == (m, eps)),
+                            key=lambda pair: pair[0]) for m in (first, second)}
+        for metric, scale, digits in (("acc", 100, 1), ("fid", 1, 2)):
+            a, b = ([scale * r[metric] for _, r in values[m]] for m in (first, second))
+            shown = [", ".join(f"{v:.{digits}f}" for v in x) or "not run" for x in (a, b)]
+            if min(len(a), len(b)) < 2:
+                rows.append(f"| {eps} | {metric} | {shown[0]} | {shown[1]} | | | | needs >= 2 seeds each |")
+                continue
+            test = ttest_ind(a, b, equal_var=False)
+            rows.append(f"| {eps} | {metric} | {shown[0]} | {shown[1]} | {np.mean(a) - np.mean(b):+.{digits}f} "
+                        f"| {test.statistic:.2f} | {test.df:.1f} | {test.pvalue:.2f} |")
+    return "\n".join(rows)
+
+
 def accuracy_curve(table: dict) -> str:
     """docs/results/accuracy_vs_epsilon.png: downstream accuracy (mean, +- std bars where seeded) of DP-SAPF and
     DP-LoRA at each epsilon run, 'inf' = LoRA without DP, the public model as a dashed line.
@@ -285,6 +308,12 @@ Rows "not run" have not been run at this scale yet; their numbers at 100 images 
 decoder are in the archives above.
 "{AUTOENCODED[0]}" is the ceiling of every latent-diffusion row: the same real images encoded and decoded by
 the public model's VAE (saved as luma, like the synthetic rows).
+
+## DP-SAPF against DP-LoRA, decided by the seeds
+
+Accuracy in %, FID as above; a difference is only called a win where p < 0.05 (each seed is an independent run).
+
+{seeded_comparison(runs)}
 
 ## Does the refined decoder help? (paired, validation split)
 

@@ -128,3 +128,21 @@ def test_the_autoencoded_row_is_real_images_through_the_public_vae_as_luma():
 def test_real_subsets_are_written_in_a_fresh_process_that_keeps_the_benchmark_small():
     assert quality.in_fresh_process(os.getpid) != os.getpid()
     assert quality.in_fresh_process(max, 2, 5) == 5
+
+
+def test_the_seeded_comparison_is_welch_t_over_the_seeds():
+    import render_results
+
+    def run(method, epsilon, seed, acc):
+        return {"method": method, "epsilon": epsilon, "seed": seed, "acc": acc, "fid": 1.0 + acc}
+
+    sapf, lora = render_results.CURVE_METHODS
+    runs = [run(sapf, "10", s, a) for s, a in (("0", 0.40), ("1", 0.42), ("2", 0.41))]
+    runs += [run(lora, "10", s, a) for s, a in (("0", 0.30), ("1", 0.31), ("2", 0.29))]
+    runs += [run(sapf, "1", "0", 0.3), run(lora, "1", "0", 0.2)]
+    table = render_results.seeded_comparison(runs).splitlines()
+    acc10 = next(line for line in table if line.startswith("| 10 | acc"))
+    cells = [c.strip() for c in acc10.split("|")[1:-1]]
+    assert cells[2:4] == ["40.0, 42.0, 41.0", "30.0, 31.0, 29.0"] and cells[4] == "+11.0"
+    assert float(cells[5]) > 10 and float(cells[7]) < 0.01  # three tight seeds 11 points apart: decided
+    assert all("needs >= 2 seeds" in line for line in table if line.startswith("| 1 |"))  # one seed: undecided
