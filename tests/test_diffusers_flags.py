@@ -11,7 +11,7 @@ from peft import LoraConfig
 
 from peft_dp_saliency import data as data_module
 from peft_dp_saliency.diffusion import EncodedDataset, encode_dataset, encode_prompts
-from peft_dp_saliency.dp_sgd import trainable_linears
+from peft_dp_saliency.dp_sgd import trainable_modules
 from peft_dp_saliency.families import StableDiffusionFamily
 from peft_dp_saliency.per_sample import PerSampleClipper
 from script_runner import ledger_steps, run, work_dir
@@ -109,7 +109,7 @@ def test_gradient_checkpointing_gives_the_same_per_sample_gradients():
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
     unet.train()
     latents, states, noise, timesteps = loss_inputs()
-    clipper = PerSampleClipper(trainable_linears(unet), 1.0, "flat")
+    clipper = PerSampleClipper(trainable_modules(unet), 1.0, "flat")
 
     def clipped():
         with clipper.capture():
@@ -136,7 +136,7 @@ def test_reentrant_checkpointing_fails_with_a_clear_message():
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights="gaussian"))
     unet.train()
     unet.enable_gradient_checkpointing(partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
-    clipper = PerSampleClipper(trainable_linears(unet), 1.0, "flat")
+    clipper = PerSampleClipper(trainable_modules(unet), 1.0, "flat")
     latents, states, noise, timesteps = loss_inputs()
     with pytest.raises(RuntimeError, match="reentrant gradient checkpointing"), clipper.capture():
         StableDiffusionFamily().per_sample_loss(unet, scheduler, latents, states, noise, timesteps)

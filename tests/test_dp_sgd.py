@@ -6,7 +6,7 @@ from peft import LoraConfig
 
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.diffusion import draw_diffusion_inputs, per_sample_diffusion_loss
-from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, poisson_sampler, trainable_linears
+from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, poisson_sampler, trainable_modules
 from tiny_models import tiny_encoded_data, tiny_scheduler, tiny_unet
 
 N = 12
@@ -112,10 +112,12 @@ def test_poisson_sampler_rate_and_independence():
     assert any(len(b) == 0 for b in poisson_sampler(20, 0.01, 200, torch.Generator().manual_seed(1)))
 
 
-def test_trainable_parameters_must_live_in_linear_layers():
+def test_trainable_parameters_must_live_in_linear_or_conv_layers():
     unet = tiny_unet().requires_grad_(False)
     unet.conv_in.weight.requires_grad_(True)
-    with pytest.raises(TypeError, match="conv_in"):
-        trainable_linears(unet)
+    assert list(trainable_modules(unet)) == ["conv_in"]  # a Conv2d: per-sample gradients by unfolding
+    unet.conv_norm_out.weight.requires_grad_(True)
+    with pytest.raises(TypeError, match="conv_norm_out.*GroupNorm"):
+        trainable_modules(unet)
     with pytest.raises(ValueError, match="no trainable"):
-        trainable_linears(tiny_unet().requires_grad_(False))
+        trainable_modules(tiny_unet().requires_grad_(False))

@@ -26,7 +26,7 @@ from peft_dp_saliency.candidates import group_units
 from peft_dp_saliency.config import SaliencyLoraConfig
 from peft_dp_saliency.diffusion import (EncodedDataset, draw_diffusion_inputs, encode_dataset,
                                         per_sample_diffusion_loss)
-from peft_dp_saliency.dp_sgd import trainable_linears
+from peft_dp_saliency.dp_sgd import trainable_modules
 from peft_dp_saliency.families import (FAMILIES, SUPPORTED_PIPELINES, ConditionedDataset, detect_family,
                                        get_family)
 from peft_dp_saliency.families.flow import training_timesteps
@@ -241,7 +241,7 @@ def test_release_loads_in_a_fresh_pipeline_of_the_family(name, tmp_path):
                                 selection_strategy="all")
     denoiser.add_adapter(config)
     # one clipped (non-noised: a test) SGD step through the family's loss
-    modules = trainable_linears(denoiser)
+    modules = trainable_modules(denoiser)
     params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     clipper = PerSampleClipper(modules, 1.0)
     latents, cond = data.batch(torch.arange(len(data)))

@@ -11,7 +11,7 @@ from peft import LoraConfig, set_peft_model_state_dict
 from torch import nn
 
 from peft_dp_saliency.candidates import find_candidates
-from peft_dp_saliency.dp_sgd import trainable_linears
+from peft_dp_saliency.dp_sgd import trainable_modules
 from peft_dp_saliency.loda import add_loda_adapters, load_adapter, loda_state_dict, merge_to_lora_state, save_loda
 from peft_dp_saliency.per_sample import PerSampleClipper
 from peft_dp_saliency.public_model import load_public_pipeline
@@ -52,7 +52,7 @@ def test_starts_exactly_at_the_public_model(variant):
     with torch.no_grad():
         assert torch.equal(per_sample_loss(unet, inputs), before)
     children = ["A", "B", "f_in", "f_out"] + (["f_gate"] if variant == "loda_plus" else [])
-    assert list(trainable_linears(unet)) == [f"{n}.{c}" for n in targets for c in children]
+    assert list(trainable_modules(unet)) == [f"{n}.{c}" for n in targets for c in children]
     m = modules[targets[0]]
     d_in, d_out = m.base_layer.in_features, m.base_layer.out_features
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -77,7 +77,7 @@ def test_keeps_the_base_dtype_and_trains_in_float32():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_clipped_sums_match_brute_force(variant):
     unet, _ = adapted_tiny_unet(variant)
-    modules = trainable_linears(unet)
+    modules = trainable_modules(unet)
     inputs = fixed_inputs(6)
     out, ref_sums, _, _ = engine_and_brute_force(unet, modules, inputs)
     for key in ref_sums:
@@ -102,7 +102,7 @@ def test_identity_f_gives_exactly_the_peft_lora_update():
             m.f_out.requires_grad_(False)  # U = 0 and frozen: f = id
     inputs, public_a = fixed_inputs(4), {name: m.A.weight.clone() for name, m in ours.items()}
     for model in (lora, loda):
-        clipper = PerSampleClipper(trainable_linears(model), 0.05)
+        clipper = PerSampleClipper(trainable_modules(model), 0.05)
         with clipper.capture():
             sums = clipper.clipped_sums(per_sample_loss(model, inputs)).sums
         with torch.no_grad():

@@ -39,15 +39,16 @@ def engine_and_brute_force(unet, modules, inputs):
     return out, ref_sums, ref_norms, max_norm
 
 
-@pytest.mark.parametrize("pool", ["attn_qkv", "attn_qkvo", "all_linear"])
+@pytest.mark.parametrize("pool", ["attn_qkv", "attn_qkvo", "all_linear", "all_linear_conv"])
 def test_frozen_candidates_match_brute_force(pool):
     unet = tiny_unet().requires_grad_(False)
     modules = find_candidates(unet, pool)
     inputs = fixed_inputs(6)
     with frozen_weights_tracked(unet, modules):
         out, ref_sums, _, _ = engine_and_brute_force(unet, modules, inputs)
+    atol = 1e-6 if pool == "all_linear_conv" else 1e-7  # a conv's gradient sums float32 over every position
     for key in ref_sums:
-        torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=atol)
     assert all(m.weight.grad is None for m in modules.values())
     assert not any(p.requires_grad for p in unet.parameters())
 
@@ -87,3 +88,62 @@ def test_frozen_module_without_tracking_fails_clearly():
     with pytest.raises(RuntimeError, match="frozen_weights_tracked"):
         with clipper.capture():
             per_sample_loss(unet, fixed_inputs(2))
+
+
+def _engine_matches_brute_force(unet, modules, params):
+    inputs = fixed_inputs(5)
+    _, ref_norms = brute_force(unet, modules, inputs, 1.0, params)
+    max_norm = float(ref_norms.median())  # some examples clipped, some not
+    ref_sums, _ = brute_force(unet, modules, inputs, max_norm, params)
+    clipper = PerSampleClipper(modules, max_norm)
+    with clipper.capture():
+        out = clipper.clipped_sums(per_sample_loss(unet, inputs))
+    torch.testing.assert_close(out.norms, ref_norms, rtol=1e-4, atol=1e-6)
+    assert out.sums.keys() == ref_sums.keys()
+    for key in ref_sums:
+        assert out.sums[key].shape == ref_sums[key].shape
+        # float32 sums over every output position (up to 1e-7 relative to the largest entry in practice)
+        torch.testing.assert_close(out.sums[key], ref_sums[key], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_on_convolutions_matches_brute_force():
+    """PEFT's conv LoRA (lora_A kh x kw, strided where the base is; lora_B 1 x 1) and a Linear's LoRA in one
+    joint norm."""
+    from peft import LoraConfig
+    from torch import nn
+
+    unet = tiny_unet().requires_grad_(False)
+    convs = {n: m for n, m in find_candidates(unet, "all_linear_conv").items() if isinstance(m, nn.Conv2d)}
+    strided = [n for n, m in convs.items() if m.stride != (1, 1)]
+    shortcuts = [n for n, m in convs.items() if m.kernel_size == (1, 1)]
+    assert strided and shortcuts  # a downsampler and a 1 x 1 shortcut are covered
+    resnet = next(n for n in convs if "resnets" in n and n.endswith("conv1"))
+    targets = ["conv_in", resnet, strided[0], shortcuts[0], "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets))
+    modules = {n: m for n, m in unet.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    assert sum(isinstance(m, nn.Conv2d) for m in modules.values()) == 2 * (len(targets) - 1)
+    _engine_matches_brute_force(unet, modules, ("weight",))
+
+
+def test_trained_convolutions_with_bias_match_brute_force():
+    """--no_lora on convolutions: the weights (C_out, C_in, kh, kw) and biases themselves."""
+    from torch import nn
+
+    unet = tiny_unet().requires_grad_(False)
+    convs = {n: m for n, m in find_candidates(unet, "all_linear_conv").items() if isinstance(m, nn.Conv2d)}
+    strided = next(n for n, m in convs.items() if m.stride != (1, 1))
+    modules = {"conv_in": unet.conv_in, strided: convs[strided]}
+    for module in modules.values():
+        module.requires_grad_(True)
+    _engine_matches_brute_force(unet, modules, ("weight", "bias"))
+
+
+def test_unsupported_convolutions_are_refused_by_name():
+    from torch import nn
+
+    with pytest.raises(TypeError, match="grouped.*groups=2"):
+        PerSampleClipper({"grouped": nn.Conv2d(4, 4, 3, groups=2)}, 1.0)
+    with pytest.raises(TypeError, match="same.*padding='same'"):
+        PerSampleClipper({"same": nn.Conv2d(4, 4, 3, padding="same")}, 1.0)
+    with pytest.raises(TypeError, match="norm is a GroupNorm"):
+        PerSampleClipper({"norm": nn.GroupNorm(2, 4)}, 1.0)

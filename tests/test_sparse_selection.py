@@ -11,7 +11,7 @@ from peft_dp_saliency import selection as selection_module
 from peft_dp_saliency.accounting import PrivacyReport
 from peft_dp_saliency.candidates import find_candidates
 from peft_dp_saliency.config import SaliencyLoraConfig
-from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, trainable_linears
+from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, trainable_modules
 from peft_dp_saliency.per_sample import PerSampleClipper, use_ghost_norm
 from peft_dp_saliency.public_model import load_public_pipeline
 from peft_dp_saliency.selection import load_paid_selection, select_target_modules
@@ -156,7 +156,7 @@ def test_clipping_over_masked_entries_matches_brute_force(model_kind):
     _, ref_norms = brute_force_masked(model, modules, loss_fn, inputs, 1.0)
     max_norm = float(ref_norms.median())
     ref_sums, _ = brute_force_masked(model, modules, loss_fn, inputs, max_norm)
-    clipper = PerSampleClipper(trainable_linears(model), max_norm, masks=masks_of(modules))
+    clipper = PerSampleClipper(trainable_modules(model), max_norm, masks=masks_of(modules))
     assert clipper._rows[names[-1]] is not None and clipper._rows[names[0]] is None
     with clipper.capture():
         out = clipper.clipped_sums(loss_fn(model, inputs))
@@ -164,7 +164,7 @@ def test_clipping_over_masked_entries_matches_brute_force(model_kind):
     assert out.sums.keys() == ref_sums.keys()
     for key, ref in ref_sums.items():
         torch.testing.assert_close(out.sums[key], ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-    full = PerSampleClipper(trainable_linears(model), max_norm)  # the whole matrices' gradients: larger norms
+    full = PerSampleClipper(trainable_modules(model), max_norm)  # the whole matrices' gradients: larger norms
     with full.capture():
         assert (full.clipped_sums(loss_fn(model, inputs)).norms > ref_norms * (1 + 1e-3)).all()
 

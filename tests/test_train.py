@@ -99,12 +99,15 @@ def test_report_counts_selection_and_every_step(pushed_run):
     assert report.epsilon["pld"] == pytest.approx(compute_epsilon(report.stage_objects(), report.delta, "pld"))
 
 
-def test_no_lora_release_is_an_exact_full_rank_adapter(tmp_path):
+@pytest.mark.parametrize("pool", ["attn_qkv", "all_linear_conv"])
+def test_no_lora_release_is_an_exact_full_rank_adapter(tmp_path, pool):
     out = tmp_path / "nolora"
     training_script().main(TINY + ["--output_dir", str(out), "--no_lora", "--target_epsilon", "inf",
-                               "--selection_strategy", "random"])
+                               "--selection_strategy", "random", "--candidate_pool", pool])
     pipe = load_public_pipeline()
     names = json.loads((out / "selection.json").read_text())["selected"]
+    if pool == "all_linear_conv":  # 25 of 83 drawn, 33 of them convolutions: released as conv LoRA
+        assert any(isinstance(pipe.unet.get_submodule(name), torch.nn.Conv2d) for name in names)
     work = sorted((tmp_path / "nolora-work").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
     trained = load_file(str(work / "trainable.safetensors"))
     for name in names:
@@ -115,6 +118,34 @@ def test_no_lora_release_is_an_exact_full_rank_adapter(tmp_path):
     torch.testing.assert_close(unet_output(fresh), reference, rtol=0, atol=1e-5)
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["private"] is False and report["epsilon"]["pld"] == "inf"
+
+
+@pytest.mark.parametrize("pool", ["all_linear", "all_linear_conv"])
+def test_lora_beyond_attention_trains_privately_and_reloads_whole_in_a_fresh_pipeline(tmp_path, pool):
+    """Pools beyond attention end to end (all_linear_conv: the private query scores frozen convolutions, DP-SGD
+    trains conv LoRA, lora_A kh x kw and lora_B 1 x 1): load_lora_weights restores every adapted module, the
+    attention projections next to the others, and exactly the trained model."""
+    out = tmp_path / pool
+    training_script().main(TINY + ["--output_dir", str(out), "--target_epsilon", "8", "--candidate_pool", pool,
+                                   "--selection_strategy", "all"])
+    selection = json.loads((out / "selection.json").read_text())
+    public = load_public_pipeline()
+    kinds = {type(public.unet.get_submodule(n)) for n in selection["selected"]}
+    assert kinds == ({torch.nn.Linear, torch.nn.Conv2d} if pool == "all_linear_conv" else {torch.nn.Linear})
+    fresh = load_public_pipeline()
+    fresh.load_lora_weights(str(out))
+    assert [n for n in selection["selected"] if not hasattr(fresh.unet.get_submodule(n), "lora_A")] == []
+    reference = unet_output(trained_pipe(out))
+    torch.testing.assert_close(unet_output(fresh), reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(unet_output(public), reference)  # the adapter moved the model
+
+
+def test_the_conv_pool_refuses_adapters_that_cannot_hold_convolutions_before_reading_data(tmp_path):
+    for flags in (["--adapter", "loda"], ["--selection_unit", "entry"]):
+        with pytest.raises(SystemExit, match="all_linear_conv holds convolutions"):
+            training_script().main(TINY + ["--output_dir", str(tmp_path / "x"), "--candidate_pool",
+                                           "all_linear_conv", *flags])
+        assert not (tmp_path / "x").exists()
 
 
 def test_release_loads_with_peft_entry_points_without_warnings(pushed_run, recwarn):

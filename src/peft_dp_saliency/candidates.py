@@ -1,9 +1,9 @@
 """Which weight matrices of a denoiser may be adapted: candidate pools and selection units.
 
-A candidate is an ``nn.Linear`` named by its full module name (``down_blocks.0.attentions.0.
-transformer_blocks.0.attn2.to_v``), exactly what PEFT's ``target_modules`` matches. Works for
-any diffusers UNet2DConditionModel or Transformer2DModel/DiT: attention is found by the
-diffusers ``Attention`` class, never by the tiny model's sizes or block names.
+A candidate is an ``nn.Linear`` (or, in the 'all_linear_conv' pool, an ``nn.Conv2d``) named by its full
+module name (``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v``), exactly what PEFT's
+``target_modules`` matches. Works for any diffusers UNet2DConditionModel or Transformer2DModel/DiT:
+attention is found by the diffusers ``Attention`` class, never by the tiny model's sizes or block names.
 """
 
 from __future__ import annotations
@@ -13,25 +13,32 @@ import re
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .per_sample import check_supported
+
 POOLS = {
     "attn_qkv": ("to_q", "to_k", "to_v"),
     "attn_qkvo": ("to_q", "to_k", "to_v", "to_out.0"),
     "all_linear": None,  # every nn.Linear of the model: the paper's "All Param." variant
+    "all_linear_conv": None,  # and every nn.Conv2d (a UNet's ResNet blocks, samplers, conv_in/out)
 }
+POOL_TYPES = {"all_linear": (nn.Linear,), "all_linear_conv": (nn.Linear, nn.Conv2d)}  # the None pools
 SPARSE_UNITS = ("entry", "row")  # private sparse selection: a mask inside each matrix (sparse.py)
 UNITS = ("matrix", "layer", *SPARSE_UNITS)
 
 
-def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Linear]:
-    """Candidate matrices in model order: full module name -> the ``nn.Linear``.
+def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Module]:
+    """Candidate matrices in model order: full module name -> the ``nn.Linear`` (or ``nn.Conv2d``).
 
-    Raises ValueError for an unknown pool or a model without candidates.
+    Raises ValueError for an unknown pool or a model without candidates, TypeError for a convolution
+    the per-sample engine cannot differentiate per example (grouped, or padding other than zeros).
     """
     if pool not in POOLS:
         raise ValueError(f"unknown candidate pool {pool!r}; choose one of {sorted(POOLS)}")
     found = {}
     if POOLS[pool] is None:
-        found = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        found = {name: m for name, m in model.named_modules() if isinstance(m, POOL_TYPES[pool])}
+        for name, module in found.items():
+            check_supported(name, module)
     else:
         for name, module in model.named_modules():
             if isinstance(module, Attention):
@@ -43,7 +50,7 @@ def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Li
         raise ValueError(
             f"{type(model).__name__} has no candidate matrices for pool {pool!r}: the attention pools need "
             "diffusers Attention modules (a UNet2DConditionModel or Transformer2DModel); "
-            "use pool='all_linear' for other models")
+            "use pool='all_linear' (or 'all_linear_conv') for other models")
     return found
 
 

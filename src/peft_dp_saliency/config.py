@@ -28,7 +28,8 @@ class SaliencyLoraConfig(LoraConfig):
 
     candidate_pool: str = field(default="attn_qkv", metadata={
         "help": f"Which matrices may be adapted: one of {sorted(POOLS)}. 'attn_qkv' = q/k/v of every "
-                "self- and cross-attention, 'attn_qkvo' adds the output projection, 'all_linear' = every Linear."})
+                "self- and cross-attention, 'attn_qkvo' adds the output projection, 'all_linear' = every Linear, "
+                "'all_linear_conv' = every Linear and Conv2d (a UNet's ResNet blocks too; LoRA or no_lora only)."})
     selection_unit: str = field(default="matrix", metadata={
         "help": "Granularity of selection: 'matrix' (each weight matrix), 'layer' (an attention layer's matrices "
                 "together), or private sparse selection: 'entry' (each weight entry) / 'row' (each row of a matrix), "

@@ -24,19 +24,18 @@ from torch import nn
 from .diffusion import EncodedDataset
 from .families import StableDiffusionFamily
 from .noise import sum_and_add_noise_once
-from .per_sample import PerSampleClipper
+from .per_sample import PerSampleClipper, check_supported
 from .sharding import rank_and_world, shard_indices
 from .sparse import masks_of
 
 
-def trainable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Modules owning trainable parameters; all must be nn.Linear (LoRA A/B or selected matrices)."""
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules owning trainable parameters; each must be one the per-sample engine differentiates
+    (nn.Linear or nn.Conv2d: LoRA A/B, LoDA maps or selected matrices; ``per_sample.check_supported``)."""
     owners = {}
     for name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"{name} ({type(module).__name__}) has trainable parameters; DP-SGD here "
-                                "computes per-sample gradients for nn.Linear modules only")
+            check_supported(name, module)
             owners[name] = module
     if not owners:
         raise ValueError("the model has no trainable parameters: add adapters or unfreeze matrices first")
@@ -122,7 +121,7 @@ class DPSGDStep:
     def __init__(self, unet, noise_scheduler, data: EncodedDataset, settings: DPSGDSettings,
                  noise_gen: torch.Generator, diffusion_gen: torch.Generator, family=None):
         self.unet, self.noise_scheduler, self.data, self.settings = unet, noise_scheduler, data, settings
-        self.modules = trainable_linears(unet)
+        self.modules = trainable_modules(unet)
         self.params = {name: p for name, p in unet.named_parameters() if p.requires_grad}
         clipping = settings.clipping if math.isfinite(settings.max_grad_norm) else "flat"  # inf: no clipping
         # sparse.MaskedLinear: only the masked entries are clipped, noised and stepped (their `delta`)

@@ -42,14 +42,18 @@ EMBEDDED_BASE_NAME = "peft-dp-saliency embedded public model"
 def full_rank_lora_state(deltas: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """Express trained matrix updates exactly as LoRA: A = identity (d_in), B = delta W, alpha = r.
 
-    So DP-SGD without LoRA (--no_lora) is released in the same diffusers format and loads with
-    ``load_lora_weights``. Returns the PEFT-format state dict and the rank/alpha patterns.
+    A convolution's update (C_out, C_in, kh, kw) becomes PEFT's conv LoRA: A a kh x kw convolution that
+    copies each of the d_in = C_in kh kw patch entries to its own channel (the identity, reshaped), B the
+    1 x 1 convolution delta W.reshape(C_out, d_in). So DP-SGD without LoRA (--no_lora) is released in the
+    same diffusers format and loads with ``load_lora_weights``. Returns the PEFT-format state dict and the
+    rank/alpha patterns.
     """
     state, ranks = {}, {}
     for name, delta in deltas.items():
-        d_out, d_in = delta.shape
-        state[f"{name}.lora_A.weight"] = torch.eye(d_in, dtype=delta.dtype)
-        state[f"{name}.lora_B.weight"] = delta.detach().cpu().contiguous()
+        d_out, d_in = delta.shape[0], delta[0].numel()
+        conv = (1, 1) if delta.dim() == 4 else ()  # lora_B of a conv LoRA is a 1 x 1 convolution
+        state[f"{name}.lora_A.weight"] = torch.eye(d_in, dtype=delta.dtype).reshape(d_in, *delta.shape[1:])
+        state[f"{name}.lora_B.weight"] = delta.detach().cpu().reshape(d_out, d_in, *conv).contiguous()
         ranks[name] = d_in
     return state, ranks
 

@@ -19,7 +19,7 @@ update is 0: the adapted model starts exactly at the public one.
 
 Every trainable parameter is the weight of a bias-free ``nn.Linear`` child (A, B, f_in = V,
 f_out = U, f_gate = G), each called once per forward, which is what ``PerSampleClipper`` and
-``dp_sgd.trainable_linears`` require; the base layer stays frozen in its own dtype and device.
+``dp_sgd.trainable_modules`` require; the base layer stays frozen in its own dtype and device.
 
 A small module of our own, not a PEFT custom LoRA layer: PEFT's hook for that,
 ``LoraConfig._register_custom_module``, is experimental and keyed by the *base* layer type (it

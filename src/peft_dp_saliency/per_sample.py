@@ -1,4 +1,4 @@
-"""Jointly clipped per-sample gradient sums for a set of ``nn.Linear`` modules (the hot path).
+"""Jointly clipped per-sample gradient sums for a set of ``nn.Linear`` / ``nn.Conv2d`` modules (the hot path).
 
 For a Linear layer with input x_i (T, d_in) and output gradient g_i (T, d_out) of example i,
 the per-sample weight gradient is G_i = g_i^T x_i. Its squared norm is computed either
@@ -9,6 +9,11 @@ the per-sample weight gradient is G_i = g_i^T x_i. Its squared norm is computed 
 whichever is cheaper for that layer (ghost when 2 T^2 <= d_in d_out). The clipped sum
 sum_i c_i G_i, with a factor c_i from the joint norm ||grad_i|| over ALL modules, is one einsum
 with the reweighted output gradients: no second backward pass and no per-example loop.
+
+A Conv2d (groups 1, zero padding) is the same Linear applied at each output position: its tokens are
+the L output positions, x_i the unfolded input patches (L, C_in kh kw) and g_i the output gradient
+(L, C_out), so G_i = g_i^T x_i is its weight gradient reshaped (C_out, C_in, kh, kw). This covers
+PEFT's LoRA on convolutions too (lora_A a kh x kw Conv2d, lora_B a 1 x 1 one).
 
 Masked modules (private sparse selection, ``sparse.MaskedLinear``): only the masked entries of
 the weight gradient are the mechanism's coordinates. Their per-sample gradient is G_i restricted
@@ -33,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -57,34 +63,62 @@ MASKED_PARAMETER = "delta"  # a masked module's sum is '<module>.delta' (k,), sp
 AUTOMATIC_CLIPPING_GAMMA = 0.01
 
 
+def check_supported(name: str, module: nn.Module) -> None:
+    """Raise TypeError unless the engine computes per-sample gradients of `module` (named `name`):
+    nn.Linear, or nn.Conv2d with groups 1, zero padding given as numbers (not 'same'/'valid')."""
+    if isinstance(module, nn.Linear):
+        return
+    if isinstance(module, nn.Conv2d):
+        if module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            return
+        raise TypeError(f"{name}: per-sample gradients of a Conv2d need groups=1 and numeric zero padding, got "
+                        f"groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}")
+    raise TypeError(f"{name} is a {type(module).__name__}; per-sample gradients are implemented for nn.Linear "
+                    "and nn.Conv2d only")
+
+
+def tokens_and_features(module: nn.Module, x: torch.Tensor, g: torch.Tensor, batch: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's input x and output gradient g as (B, T, d_in) and (B, T, d_out) float32.
+
+    Linear: T = every leading position. Conv2d: T = output positions, d_in = C_in kh kw (the unfolded
+    patches, in the order of weight.reshape(C_out, -1)), d_out = C_out."""
+    if isinstance(module, nn.Conv2d):
+        patches = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2), g.float().reshape(batch, g.shape[1], -1).transpose(1, 2)
+    return x.reshape(batch, -1, x.shape[-1]).float(), g.reshape(batch, -1, g.shape[-1]).float()
+
+
 def use_ghost_norm(tokens: int, d_in: int, d_out: int) -> bool:
     """Ghost norms beat materialised per-sample gradients when 2 T^2 <= d_in d_out."""
     return 2 * tokens * tokens <= d_in * d_out
 
 
 class PerSampleClipper:
-    """Captures inputs/outputs of the given Linear modules and returns clipped gradient sums.
+    """Captures inputs/outputs of the given Linear / Conv2d modules and returns clipped gradient sums.
 
-    modules: full name -> nn.Linear. The weight of every module is part of the mechanism; the bias
+    modules: full name -> nn.Linear or nn.Conv2d (``check_supported``). The weight of every module is part
+    of the mechanism; the bias
     is too when it requires grad. The modules' outputs must require grad during the forward
     (true for trainable modules; use :func:`frozen_weights_tracked` for frozen ones).
-    masks: module name -> bool (d_out, d_in): that module's coordinates are only the masked weight
-    entries (no bias); its sum comes back as '<module>.delta', shape (k,), in ``weight[mask]`` order.
+    masks (Linear modules only): module name -> bool (d_out, d_in): that module's coordinates are only the
+    masked weight entries (no bias); its sum comes back as '<module>.delta', shape (k,), in ``weight[mask]``
+    order.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], max_grad_norm: float, clipping: str = "flat",
+    def __init__(self, modules: dict[str, nn.Module], max_grad_norm: float, clipping: str = "flat",
                  gamma: float = AUTOMATIC_CLIPPING_GAMMA, masks: dict[str, torch.Tensor] | None = None):
         if max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         if clipping not in CLIPPING or not gamma > 0:
             raise ValueError(f"clipping must be one of {CLIPPING} with gamma > 0, got {clipping!r}, {gamma}")
         for name, module in modules.items():
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"{name} is a {type(module).__name__}; per-sample gradients are "
-                                "implemented for nn.Linear only")
+            check_supported(name, module)
         self.masks = masks or {}
         for name, mask in self.masks.items():
             module = modules[name]
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"{name}: masks (sparse updates) apply to nn.Linear modules only")
             if mask.dtype != torch.bool or mask.shape != module.weight.shape:
                 raise ValueError(f"the mask of {name} must be bool of shape {tuple(module.weight.shape)}")
             if module.bias is not None and module.bias.requires_grad:
@@ -142,13 +176,11 @@ class PerSampleClipper:
         sq_norms = torch.zeros(batch, dtype=torch.float32, device=per_sample_loss.device)
         pieces = {}
         for name, grad_out in zip(names, grads):
-            x = self._records[name][0]
+            x, module = self._records[name][0], self.modules[name]
             if grad_out is None:
                 grad_out = torch.zeros_like(self._records[name][1])
-            x = x.reshape(batch, -1, x.shape[-1]).float()
-            g = grad_out.reshape(batch, -1, grad_out.shape[-1]).float()
-            pieces[name] = layer = _LayerGrad(x, g, self.modules[name].bias is not None
-                                              and self.modules[name].bias.requires_grad,
+            x, g = tokens_and_features(module, x, grad_out, batch)
+            pieces[name] = layer = _LayerGrad(x, g, module.bias is not None and module.bias.requires_grad,
                                               self.masks.get(name), self._rows.get(name))
             sq_norms += layer.sq_norms()
         self._records.clear()
@@ -163,12 +195,14 @@ class PerSampleClipper:
         factors = torch.where(finite, factors, torch.zeros_like(norms))
         sums = {}
         for name, layer in pieces.items():
-            sums.update({f"{name}.{k}": v for k, v in layer.weighted_sums(factors, finite).items()})
+            weight_shape = self.modules[name].weight.shape  # a Conv2d's (C_out, C_in, kh, kw)
+            sums.update({f"{name}.{k}": v.reshape(weight_shape) if k == "weight" else v
+                         for k, v in layer.weighted_sums(factors, finite).items()})
         return ClippedSums(sums=sums, norms=norms, nonfinite=int((~finite).sum()))
 
 
 class _LayerGrad:
-    """Per-sample gradient pieces of one Linear: x (B, T, d_in), g (B, T, d_out); with a mask
+    """Per-sample gradient pieces of one module: x (B, T, d_in), g (B, T, d_out); with a mask
     (d_out, d_in) only the masked entries (rows: (d_out,) when the mask is whole rows)."""
 
     def __init__(self, x: torch.Tensor, g: torch.Tensor, with_bias: bool, mask: torch.Tensor | None = None,
@@ -208,7 +242,7 @@ class _LayerGrad:
 
 
 @contextmanager
-def frozen_weights_tracked(model: nn.Module, modules: dict[str, nn.Linear]):
+def frozen_weights_tracked(model: nn.Module, modules: dict[str, nn.Module]):
     """Freeze `model` except the weights of `modules`, whose outputs then carry a graph.
 
     The mechanism covers exactly these weight matrices (no biases, nothing else). .grad is never

@@ -89,6 +89,10 @@ def check_args(args) -> None:
     if args.selection_unit in SPARSE_UNITS and args.adapter != "lora":
         problems.append(f"--selection_unit {args.selection_unit} trains the masked entries themselves: "
                         "it takes no --adapter")
+    if args.candidate_pool == "all_linear_conv" and (args.selection_unit in SPARSE_UNITS or args.adapter != "lora"):
+        problems.append("--candidate_pool all_linear_conv holds convolutions, which only LoRA (or --no_lora) "
+                        f"adapts: use --candidate_pool all_linear for --selection_unit {args.selection_unit} / "
+                        f"--adapter {args.adapter}")
     if args.push_to_hub and not args.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if args.report_to and "wandb" in args.report_to and args.hub_token is not None:

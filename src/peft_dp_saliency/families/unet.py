@@ -40,8 +40,15 @@ class _DDPMFamily(ModelFamily):
         use_dpm_solver(pipe)
 
     def save_lora(self, output_dir, state_dict, metadata=None) -> None:
-        """UNet adapters are saved in diffusers' key format (as diffusers' UNet LoRA scripts do)."""
-        super().save_lora(output_dir, convert_state_dict_to_diffusers(state_dict), metadata)
+        """UNet adapters of attention projections only are saved in diffusers' key format (as diffusers' UNet
+        LoRA scripts do); any other adapter keeps PEFT's keys throughout.
+
+        convert_state_dict_to_diffusers renames only to_q/k/v/out keys, and load_lora_weights reads the format
+        off the FIRST key: a mix (feed-forward, time-embedding or conv LoRA next to attention) would be loaded
+        without the keys of the other format, silently (PEFT only warns)."""
+        converted = convert_state_dict_to_diffusers(state_dict)
+        mixed = any(".lora_A." in key or ".lora_B." in key for key in converted)
+        super().save_lora(output_dir, state_dict if mixed else converted, metadata)
 
 
 class StableDiffusionFamily(_DDPMFamily):
