@@ -62,6 +62,9 @@ METHODS = {
     # where more noisy coordinates give selection more to save; with DP-LoRA on the same pool
     "DP-SAPF (all-linear pool)": ["--candidate_pool", "all_linear"],
     "DP-LoRA (all linear layers)": ["--selection_strategy", "all", "--candidate_pool", "all_linear"],
+    # every Linear and Conv2d (the ResNet blocks hold two thirds of the UNet's weights): LoRA on convolutions
+    "DP-SAPF (all-linear+conv pool)": ["--candidate_pool", "all_linear_conv"],
+    "DP-LoRA (all linear and conv layers)": ["--selection_strategy", "all", "--candidate_pool", "all_linear_conv"],
     "DP-SAPF (ratio 0.1)": ["--selection_ratio", "0.1"],
     "DP-SAPF (ratio 0.2)": ["--selection_ratio", "0.2"],
     "DP-SAPF (ratio 0.5)": ["--selection_ratio", "0.5"],
@@ -103,12 +106,13 @@ SYNTHESIS_ABLATION = {
     "50 sampling steps": ["--num_inference_steps", "50"],
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
-# How far this public UNet's linear layers can be fine-tuned at all at SCALE's compute, without DP: every Linear
-# (attention, feed-forward, projections, time embeddings) by the LoRA of "DP-LoRA (all linear layers)", or the
-# matrices themselves. If these stay near NON_PRIVATE, neither the DP noise nor the selection is what limits the
-# private rows.
+# How far this public UNet can be fine-tuned at all at SCALE's compute, without DP: every Linear (attention,
+# feed-forward, projections, time embeddings) by the LoRA of "DP-LoRA (all linear layers)", every Linear and
+# Conv2d by that of "DP-LoRA (all linear and conv layers)", or the Linears themselves. If these stay near
+# NON_PRIVATE, neither the DP noise nor the selection is what limits the private rows.
 CEILING = {
     "LoRA w/o DP (all linear layers)": METHODS["DP-LoRA (all linear layers)"],
+    "LoRA w/o DP (all linear and conv layers)": METHODS["DP-LoRA (all linear and conv layers)"],
     # AdamW moves every coordinate by ~lr per step: LoRA's 2e-3 on the full matrices would overwrite the public
     # weights (up to ~0.3 in 150 steps), so this row uses a full-fine-tuning learning rate (stated in its name)
     "Fine-tuning w/o DP (all linear layers, no LoRA, lr 2e-4)": ["--selection_strategy", "all", "--candidate_pool",
