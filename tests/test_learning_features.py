@@ -47,11 +47,12 @@ def test_automatic_clipping_matches_brute_force_and_bounds_each_contribution():
     torch.testing.assert_close(out.norms, torch.stack([g.norm() for g in grads]), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("pool", ["attn_qkv", "all_linear_conv"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_noise_multiplicity_matches_brute_force_mean_over_draws(k):
+def test_noise_multiplicity_matches_brute_force_mean_over_draws(k, pool):
     unet = tiny_unet().requires_grad_(False)
     scheduler = tiny_scheduler()
-    modules = find_candidates(unet, "attn_qkv")
+    modules = find_candidates(unet, pool)
     g = torch.Generator().manual_seed(1)
     batch = 4
     latents, states = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 5, 24, generator=g)
@@ -72,7 +73,8 @@ def test_noise_multiplicity_matches_brute_force_mean_over_draws(k):
             total, out = engine_sum(clipper, modules, loss)
     assert loss.shape == (batch,)
     expected = sum(min(1.0, 0.05 / (float(x.norm()) + 1e-6)) * x for x in grads)
-    torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-7)
+    atol = 1e-6 if pool == "all_linear_conv" else 1e-7  # a conv's gradient sums float32 over every position
+    torch.testing.assert_close(total, expected, rtol=1e-4, atol=atol)
     torch.testing.assert_close(out.norms, torch.stack([x.norm() for x in grads]), rtol=1e-4, atol=1e-7)
 
 

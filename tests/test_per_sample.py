@@ -25,11 +25,11 @@ def brute_force(unet, modules, inputs, max_grad_norm, params=("weight",)):
     return dict(zip(names, sums)), torch.stack(norms)
 
 
-def engine_and_brute_force(unet, modules, inputs):
+def engine_and_brute_force(unet, modules, inputs, params=("weight",)):
     """(engine result, brute-force sums, brute-force norms, C) at C = the median norm (some clipped)."""
-    _, ref_norms = brute_force(unet, modules, inputs, 1.0)
+    _, ref_norms = brute_force(unet, modules, inputs, 1.0, params)
     max_norm = float(ref_norms.median())  # some examples below C, some above
-    ref_sums, _ = brute_force(unet, modules, inputs, max_norm)
+    ref_sums, _ = brute_force(unet, modules, inputs, max_norm, params)
     clipper = PerSampleClipper(modules, max_norm)
     with clipper.capture():
         out = clipper.clipped_sums(per_sample_loss(unet, inputs))
@@ -91,15 +91,7 @@ def test_frozen_module_without_tracking_fails_clearly():
 
 
 def _engine_matches_brute_force(unet, modules, params):
-    inputs = fixed_inputs(5)
-    _, ref_norms = brute_force(unet, modules, inputs, 1.0, params)
-    max_norm = float(ref_norms.median())  # some examples clipped, some not
-    ref_sums, _ = brute_force(unet, modules, inputs, max_norm, params)
-    clipper = PerSampleClipper(modules, max_norm)
-    with clipper.capture():
-        out = clipper.clipped_sums(per_sample_loss(unet, inputs))
-    torch.testing.assert_close(out.norms, ref_norms, rtol=1e-4, atol=1e-6)
-    assert out.sums.keys() == ref_sums.keys()
+    out, ref_sums, _, _ = engine_and_brute_force(unet, modules, fixed_inputs(5), params)
     for key in ref_sums:
         assert out.sums[key].shape == ref_sums[key].shape
         # float32 sums over every output position (up to 1e-7 relative to the largest entry in practice)
@@ -140,6 +132,9 @@ def test_trained_convolutions_with_bias_match_brute_force():
 
 def test_unsupported_convolutions_are_refused_by_name():
     from torch import nn
+
+    with pytest.raises(ValueError, match="grouped.*groups=2.*--candidate_pool all_linear for"):
+        find_candidates(nn.ModuleDict({"grouped": nn.Conv2d(4, 4, 3, groups=2)}), "all_linear_conv")
 
     with pytest.raises(TypeError, match="grouped.*groups=2"):
         PerSampleClipper({"grouped": nn.Conv2d(4, 4, 3, groups=2)}, 1.0)

@@ -29,8 +29,8 @@ UNITS = ("matrix", "layer", *SPARSE_UNITS)
 def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Module]:
     """Candidate matrices in model order: full module name -> the ``nn.Linear`` (or ``nn.Conv2d``).
 
-    Raises ValueError for an unknown pool or a model without candidates, TypeError for a convolution
-    the per-sample engine cannot differentiate per example (grouped, or padding other than zeros).
+    Raises ValueError for an unknown pool, a model without candidates, or a convolution the per-sample
+    engine cannot differentiate per example (grouped, or padding other than zeros).
     """
     if pool not in POOLS:
         raise ValueError(f"unknown candidate pool {pool!r}; choose one of {sorted(POOLS)}")
@@ -38,7 +38,10 @@ def find_candidates(model: nn.Module, pool: str = "attn_qkv") -> dict[str, nn.Mo
     if POOLS[pool] is None:
         found = {name: m for name, m in model.named_modules() if isinstance(m, POOL_TYPES[pool])}
         for name, module in found.items():
-            check_supported(name, module)
+            try:
+                check_supported(name, module)
+            except TypeError as error:
+                raise ValueError(f"{error}; use --candidate_pool all_linear for this model") from error
     else:
         for name, module in model.named_modules():
             if isinstance(module, Attention):

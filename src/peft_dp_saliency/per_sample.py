@@ -82,10 +82,11 @@ def tokens_and_features(module: nn.Module, x: torch.Tensor, g: torch.Tensor, bat
     """A module's input x and output gradient g as (B, T, d_in) and (B, T, d_out) float32.
 
     Linear: T = every leading position. Conv2d: T = output positions, d_in = C_in kh kw (the unfolded
-    patches, in the order of weight.reshape(C_out, -1)), d_out = C_out."""
+    patches, in the order of weight.reshape(C_out, -1)), d_out = C_out. With K diffusion draws per example
+    (B K consecutive rows), each example's K rows become K times the tokens."""
     if isinstance(module, nn.Conv2d):
-        patches = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride)
-        return patches.transpose(1, 2), g.float().reshape(batch, g.shape[1], -1).transpose(1, 2)
+        x = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+        g = g.float().flatten(2).transpose(1, 2)  # (B K, L, C_out)
     return x.reshape(batch, -1, x.shape[-1]).float(), g.reshape(batch, -1, g.shape[-1]).float()
 
 
