@@ -103,6 +103,17 @@ def test_flipped_latents_are_the_encoding_of_each_mirrored_image(public_pipe):
     assert plain.flipped_latents is None and torch.allclose(plain.latents, encoded.latents, atol=1e-6)
 
 
+def test_the_empty_prompt_is_encoded_as_the_pipeline_encodes_it_and_is_no_examples_row(public_pipe):
+    dataset = data_module.load_sensitive_dataset(max_examples=3)
+    encoded = encode_dataset(public_pipe, dataset, batch_size=2, show_progress=False, empty_prompt=True)
+    plain = encode_dataset(public_pipe, dataset, batch_size=2, show_progress=False)
+    assert encoded.empty_prompt_row == len(dataset.prompts) and plain.empty_prompt_row is None
+    assert torch.allclose(encoded.prompt_embeds[-1], encode_prompts(public_pipe, [""])[0], atol=1e-5)
+    assert torch.equal(encoded.batch(torch.arange(3))[1], plain.batch(torch.arange(3))[1])  # rows unchanged
+    _, states = encoded.batch(torch.arange(3), empty=torch.tensor([False, True, False]))
+    assert torch.equal(states[1], encoded.prompt_embeds[-1]) and torch.equal(states[0], plain.batch(torch.arange(1))[1][0])
+
+
 def test_gradient_checkpointing_gives_the_same_per_sample_gradients():
     unet, scheduler = tiny_unet(), tiny_scheduler()
     unet.requires_grad_(False)
@@ -195,7 +206,7 @@ def test_a_tiny_run_with_every_new_flag(tmp_path):
     out = tmp_path / "out"
     run(out, "--random_flip", "--snr_gamma", "5", "--noise_offset", "0.05", "--prediction_type", "v_prediction",
         "--gradient_checkpointing", "--allow_tf32", "--dataloader_num_workers", "1", "--image_interpolation_mode",
-        "lanczos", "--checkpoints_total_limit", "1", "--validation_epochs", "1", "--center_crop",
+        "lanczos", "--proportion_empty_prompts", "0.2", "--checkpoints_total_limit", "1", "--validation_epochs", "1", "--center_crop",
         "--expected_batch_size", "24", samples=24, steps=2)  # q = 1: an epoch is one step
     assert ledger_steps(out) == {"selection": 1, "dp_sgd": 2}
     assert [p.name for p in work_dir(out).glob("checkpoint-*")] == ["checkpoint-2"]
@@ -209,6 +220,7 @@ def test_a_tiny_run_with_every_new_flag(tmp_path):
     (["--enable_xformers_memory_efficient_attention"], "xformers is not installed"),
     (["--caption_column", "text", "--validation_prompt", ""], "--caption_column needs --validation_prompt"),
     (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+    (["--proportion_empty_prompts", "1.5"], "--proportion_empty_prompts must be in \\[0, 1\\]"),
     (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
 ])
 def test_bad_flags_fail_before_anything_is_spent(tmp_path, argv, match):

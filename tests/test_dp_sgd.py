@@ -18,9 +18,9 @@ def lora_unet():
     return unet
 
 
-def make_step(unet, data, sigma=0.0, clip=1.0, q=0.5, micro=4, noise_seed=0, data_seed=0):
+def make_step(unet, data, sigma=0.0, clip=1.0, q=0.5, micro=4, noise_seed=0, data_seed=0, empty=0.0):
     settings = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=q,
-                             dataset_size=len(data), micro_batch_size=micro)
+                             dataset_size=len(data), micro_batch_size=micro, proportion_empty_prompts=empty)
     return DPSGDStep(unet, tiny_scheduler(), data, settings, torch.Generator().manual_seed(noise_seed),
                      torch.Generator().manual_seed(data_seed))
 
@@ -29,14 +29,18 @@ def grads(unet):
     return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def brute_force_step(unet, data, indices, sigma, clip, q, noise_seed, data_seed):
-    """Per example: its own loss, full gradient, joint clip; sum; add fixed noise; divide by qN."""
+def brute_force_step(unet, data, indices, sigma, clip, q, noise_seed, data_seed, empty=0.0):
+    """Per example: its own loss, full gradient, joint clip; sum; add fixed noise; divide by qN.
+    empty: each example conditioned on the empty prompt (the table's last row) with this probability,
+    drawn after its (noise, timestep) from the same generator."""
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    noise, t = draw_diffusion_inputs(len(indices), data.latents.shape[1:], tiny_scheduler(),
-                                     torch.Generator().manual_seed(data_seed), "cpu")
+    generator = torch.Generator().manual_seed(data_seed)
+    noise, t = draw_diffusion_inputs(len(indices), data.latents.shape[1:], tiny_scheduler(), generator, "cpu")
+    unconditional = torch.rand(len(indices), generator=generator) < empty if empty else torch.zeros(len(indices), dtype=torch.bool)
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for j, i in enumerate(indices.tolist()):
-        latents, states = data.batch(torch.tensor([i]))
+        latents, _ = data.batch(torch.tensor([i]))
+        states = data.prompt_embeds[[-1 if unconditional[j] else int(data.labels[i])]]
         loss = per_sample_diffusion_loss(unet, tiny_scheduler(), latents, states, noise[j:j + 1], t[j:j + 1])
         g = dict(zip(params, torch.autograd.grad(loss.sum(), list(params.values()))))
         norm = torch.sqrt(sum(v.pow(2).sum() for v in g.values()))
@@ -58,6 +62,29 @@ def test_one_step_matches_brute_force_with_fixed_noise():
     assert got.keys() == expected.keys() and len(got) == 2 * len(adapted)  # lora_A and lora_B each
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_empty_prompts_replace_each_examples_own_prompt_inside_the_clipped_sum():
+    from dataclasses import replace
+
+    base = tiny_encoded_data(n=N)
+    empty_row = torch.randn(1, *base.prompt_embeds.shape[1:], generator=torch.Generator().manual_seed(1))
+    data = replace(base, prompt_embeds=torch.cat([base.prompt_embeds, empty_row]),
+                   empty_prompt_row=len(base.prompt_embeds))
+    indices = torch.tensor([0, 2, 3, 5, 7, 8, 11])
+    drawn = torch.Generator().manual_seed(9)
+    draw_diffusion_inputs(len(indices), data.latents.shape[1:], tiny_scheduler(), drawn, "cpu")
+    assert 0 < int((torch.rand(len(indices), generator=drawn) < 0.5).sum()) < len(indices)  # a mix: the test can fail
+    unet = lora_unet()
+    make_step(unet, data, sigma=0.7, clip=0.05, q=0.4, micro=3, noise_seed=5, data_seed=9, empty=0.5)(indices)
+    expected = brute_force_step(unet, data, indices, 0.7, 0.05, 0.4, 5, 9, empty=0.5)
+    for name, value in grads(unet).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-7)
+    unet_without = lora_unet()
+    make_step(unet_without, data, sigma=0.7, clip=0.05, q=0.4, micro=3, noise_seed=5, data_seed=9)(indices)
+    assert any(not torch.allclose(grads(unet_without)[n], expected[n]) for n in expected)
+    with pytest.raises(ValueError, match="without the empty prompt"):
+        make_step(lora_unet(), base, empty=0.5)(indices)
 
 
 def test_micro_batch_size_does_not_change_the_update():

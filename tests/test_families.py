@@ -172,6 +172,20 @@ def slice_cond(cond, i):
     return {key: v[i:i + 1] for key, v in cond.items()} if isinstance(cond, dict) else cond[i:i + 1]
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_empty_prompt_row_is_the_familys_own_encoding_of_the_empty_string(name):
+    pipe = build(name)
+    family = detect_family(pipe)
+    data = family.encode_dataset(pipe, TinyImages(), show_progress=False, empty_prompt=True, **PROMPT_KWARGS[name])
+    empty = family.encode_prompts(pipe, [""], **PROMPT_KWARGS[name])
+    _, cond = data.batch(torch.tensor([0, 1]), empty=torch.tensor([True, False]))
+    _, plain = data.batch(torch.tensor([0, 1]))
+    for key, value in (cond.items() if isinstance(cond, dict) else [(family.main_conditioning, cond)]):
+        reference = empty[key] if isinstance(empty, dict) else empty
+        assert torch.allclose(value[0], reference[0], atol=1e-5), key
+        assert torch.equal(value[1], (plain[key] if isinstance(plain, dict) else plain)[1]), key
+
+
 @pytest.mark.parametrize("pool", ["attn_qkvo", "all_linear"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_clipping_of_the_candidate_pool_matches_brute_force(name, pool):

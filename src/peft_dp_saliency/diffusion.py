@@ -28,6 +28,7 @@ class EncodedDataset:
     prompt_embeds: torch.Tensor
     flipped_latents: torch.Tensor | None = None  # (N, C, h, w) of the mirrored images (--random_flip)
     prompt_ids: torch.Tensor | None = None  # (N,) int64 row of prompt_embeds per example; None: its label
+    empty_prompt_row: int | None = None  # row of prompt_embeds holding the empty prompt "" (--proportion_empty_prompts)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,13 +42,21 @@ class EncodedDataset:
         return torch.where(flip.view(-1, *[1] * (self.latents.ndim - 1)), self.flipped_latents[indices],
                            self.latents[indices])
 
-    def prompt_rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B,) rows of the prompt table the given examples are conditioned on (class or caption)."""
-        return (self.labels if self.prompt_ids is None else self.prompt_ids)[indices]
+    def prompt_rows(self, indices: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) rows of the prompt table the given examples are conditioned on (class or caption);
+        empty (B,) bool puts those examples on the empty prompt's row instead."""
+        rows = (self.labels if self.prompt_ids is None else self.prompt_ids)[indices]
+        if empty is None:
+            return rows
+        if self.empty_prompt_row is None:
+            raise ValueError("empty given but the dataset was encoded without the empty prompt")
+        return torch.where(empty.to(rows.device), self.empty_prompt_row, rows)
 
-    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents (B, C, h, w), encoder_hidden_states (B, T, D)) of the given examples."""
-        return self.batch_latents(indices, flip), self.prompt_embeds[self.prompt_rows(indices)]
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None,
+              empty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents (B, C, h, w), encoder_hidden_states (B, T, D)) of the given examples; flip / empty (B,)
+        bool: the mirrored image's latents / the empty prompt for those examples."""
+        return self.batch_latents(indices, flip), self.prompt_embeds[self.prompt_rows(indices, empty)]
 
 
 @torch.no_grad()
@@ -60,33 +69,37 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_dataset(pipe, dataset, batch_size: int = 64, show_progress: bool = True, flip: bool = False,
-                   num_workers: int = 0) -> EncodedDataset:
+                   num_workers: int = 0, empty_prompt: bool = False) -> EncodedDataset:
     """Encode every image of `dataset` ((image in [-1, 1] (3, R, R), label) items) once.
 
     Uses the posterior mean, so the cache is deterministic; `dataset.prompts` gives the class prompts.
     flip: also cache the latents of each image mirrored left-right (--random_flip); num_workers: the
-    DataLoader's decoding processes.
+    DataLoader's decoding processes; empty_prompt: also encode "" as the prompt table's last row.
     """
     def encode(images):
         return pipe.vae.encode(images.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
 
     latents, flipped, labels = encode_images(dataset, encode, batch_size, show_progress, flip, num_workers)
-    prompts, prompt_ids = prompt_table(dataset)
+    prompts, prompt_ids = prompt_table(dataset, empty_prompt)
     embeds = torch.cat([encode_prompts(pipe, prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)])
     return EncodedDataset(latents=latents, labels=labels, prompt_embeds=embeds, flipped_latents=flipped,
-                          prompt_ids=None if prompt_ids is None else prompt_ids.to(latents.device))
+                          prompt_ids=None if prompt_ids is None else prompt_ids.to(latents.device),
+                          empty_prompt_row=len(prompts) - 1 if empty_prompt else None)
 
 
-def prompt_table(dataset) -> tuple[list[str], torch.Tensor | None]:
+def prompt_table(dataset, empty_prompt: bool = False) -> tuple[list[str], torch.Tensor | None]:
     """The texts to encode and each example's row among them: the K class prompts (rows: the labels,
     None), or with per-example captions (``dataset.captions``) the distinct captions, sorted, and (N,)
-    int64 rows. Captions are sensitive: their embeddings stay in the in-memory cache."""
+    int64 rows. Captions are sensitive: their embeddings stay in the in-memory cache. empty_prompt: ""
+    appended as the last text (no example's row; captions are never empty)."""
     captions = getattr(dataset, "captions", None)
     if captions is None:
-        return list(dataset.prompts), None
-    distinct = sorted(set(captions))
-    row = {caption: index for index, caption in enumerate(distinct)}
-    return distinct, torch.tensor([row[caption] for caption in captions], dtype=torch.int64)
+        texts, rows = list(dataset.prompts), None
+    else:
+        texts = sorted(set(captions))
+        row = {caption: index for index, caption in enumerate(texts)}
+        rows = torch.tensor([row[caption] for caption in captions], dtype=torch.int64)
+    return (texts + [""] if empty_prompt else texts), rows
 
 
 def encode_images(dataset, encode, batch_size: int, show_progress: bool, flip: bool = False, num_workers: int = 0):

@@ -99,7 +99,10 @@ class DPSGDSettings:
     max_grad_norm C (inf = no clipping: the non-private baseline), sample_rate q, dataset_size N,
     micro_batch_size (examples per forward/backward, memory only: never changes the result),
     clipping ("flat" or "automatic", see per_sample), noise_multiplicity K ((timestep, noise) draws
-    averaged per example before clipping; K times the compute, free in privacy)."""
+    averaged per example before clipping; K times the compute, free in privacy),
+    proportion_empty_prompts p (each example's prompt replaced by "" with probability p per step, drawn
+    from the secret diffusion generator: the unconditional branch that classifier-free guidance uses
+    learns the data too; the dataset must hold the empty prompt's row)."""
 
     noise_multiplier: float
     max_grad_norm: float
@@ -108,6 +111,7 @@ class DPSGDSettings:
     micro_batch_size: int
     clipping: str = "flat"
     noise_multiplicity: int = 1
+    proportion_empty_prompts: float = 0.0
 
 
 class DPSGDStep:
@@ -142,9 +146,15 @@ class DPSGDStep:
         # --random_flip: each example's orientation is one more per-example draw of the secret generator
         flips = None if self.data.flipped_latents is None else \
             torch.rand(len(indices), generator=self.diffusion_gen, device=latents_all.device) < 0.5
+        # --proportion_empty_prompts: so is whether each example sees its prompt or "" (a function of its draw only)
+        p_empty = self.settings.proportion_empty_prompts
+        empty = torch.rand(len(indices), generator=self.diffusion_gen, device=latents_all.device) < p_empty \
+            if p_empty else None
         size = self.settings.micro_batch_size
         for start, micro in zip(range(0, len(indices), size), indices.split(size)):
-            latents, states = self.data.batch(micro, None if flips is None else flips[start:start + len(micro)])
+            part = slice(start, start + len(micro))
+            latents, states = self.data.batch(micro, None if flips is None else flips[part],
+                                              None if empty is None else empty[part])
             with self.clipper.capture():
                 rows = slice(start * k, (start + len(micro)) * k)
                 loss = self.family.per_sample_loss(self.unet, self.noise_scheduler, latents, states,

@@ -130,6 +130,8 @@ def _check_diffusers_flags(args) -> list[str]:
     for flag in ("noise_offset", "dataloader_num_workers"):
         if not getattr(args, flag) >= 0:
             problems.append(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        problems.append(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     for flag in ("checkpoints_total_limit", "validation_epochs"):
         if getattr(args, flag) is not None and not getattr(args, flag) >= 1:
             problems.append(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -487,7 +489,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
         sequence = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
         data = encode_shard(family, pipe, dataset, batch_size=args.selection_batch_size,  # this rank's examples
                             show_progress=accelerator.is_local_main_process, resolution=resolution,
-                            flip=args.random_flip, num_workers=args.dataloader_num_workers, **sequence)
+                            flip=args.random_flip, num_workers=args.dataloader_num_workers,
+                            empty_prompt=args.proportion_empty_prompts > 0, **sequence)
     # --seed is public: it seeds the random strategy (data-independent); the mechanisms' randomness
     # is secret unless --deterministic_noise.
     config = config_from_args(args, args.seed, plan["selection_sigma"], r=args.rank,
@@ -550,7 +553,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
     settings = DPSGDSettings(noise_multiplier=sigma, max_grad_norm=plan["effective_max_grad_norm"],
                              sample_rate=plan["sample_rate"], dataset_size=len(data),
                              micro_batch_size=args.train_batch_size, clipping=plan["clipping"],
-                             noise_multiplicity=plan["noise_multiplicity"])
+                             noise_multiplicity=plan["noise_multiplicity"],
+                             proportion_empty_prompts=args.proportion_empty_prompts)
     device, rank = accelerator.device, accelerator.process_index
     secret_seed = args.seed if args.deterministic_noise else None  # None: os.urandom (the private default)
     dp_step = DPSGDStep(unet, noise_scheduler, data, settings, noise_generator(device, _offset(secret_seed, 0)),

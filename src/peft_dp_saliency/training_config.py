@@ -90,6 +90,11 @@ class TrainingConfig:
         "both orientations of every image and the choice is drawn per example per step from the secret "
         "generator, so it acts on that example only (as its timestep and noise do). The selection query uses "
         "the unflipped images.")
+    proportion_empty_prompts: float = _option(
+        0.0, "Proportion of image prompts to be replaced with empty strings (diffusers' --proportion_empty_prompts): "
+        "each example's prompt is \"\" with this probability at each DP-SGD step, so the unconditional prediction "
+        "that classifier-free guidance subtracts at synthesis is trained on the data too. The choice is drawn per "
+        "example per step from the secret generator (like its timestep); the selection query keeps the prompts.")
     image_interpolation_mode: str = _option(
         "bilinear", "Resampling filter of the resize (PIL). Default bilinear (diffusers: lanczos).",
         choices=INTERPOLATION_MODES)

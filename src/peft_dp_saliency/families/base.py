@@ -34,8 +34,9 @@ class ConditionedDataset(EncodedDataset):
 
     conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rows = self.prompt_rows(indices)
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None,
+              empty: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rows = self.prompt_rows(indices, empty)
         return self.batch_latents(indices, flip), {key: value[rows] for key, value in self.conditioning.items()}
 
 
@@ -221,25 +222,29 @@ class ModelFamily:
         return (posterior.mean - shift) * vae.config.scaling_factor
 
     def make_dataset(self, latents, labels, conditioning: dict[str, torch.Tensor],
-                     flipped_latents: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None) -> EncodedDataset:
+                     flipped_latents: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
+                     empty_prompt_row: int | None = None) -> EncodedDataset:
         return ConditionedDataset(latents=latents, labels=labels, prompt_embeds=conditioning[self.main_conditioning],
-                                  flipped_latents=flipped_latents, prompt_ids=prompt_ids, conditioning=conditioning)
+                                  flipped_latents=flipped_latents, prompt_ids=prompt_ids,
+                                  empty_prompt_row=empty_prompt_row, conditioning=conditioning)
 
     @torch.no_grad()
     def encode_dataset(self, pipe, dataset, batch_size: int = 64, show_progress: bool = True, flip: bool = False,
-                       num_workers: int = 0, **prompt_kwargs) -> EncodedDataset:
+                       num_workers: int = 0, empty_prompt: bool = False, **prompt_kwargs) -> EncodedDataset:
         """Encode every image of `dataset` ((image in [-1, 1], label) items; ``dataset.prompts`` are the
         class prompts) once: latents, labels and the per-class (or, with ``dataset.captions``, per-caption)
         conditioning. flip: also cache each image's mirrored latents (--random_flip); num_workers: the
-        DataLoader's decoding processes."""
+        DataLoader's decoding processes; empty_prompt: also encode "" as the last conditioning row
+        (--proportion_empty_prompts)."""
         latents, flipped, labels = encode_images(dataset, lambda images: self.encode_images(pipe, images),
                                                  batch_size, show_progress, flip, num_workers)
-        prompts, prompt_ids = prompt_table(dataset)
+        prompts, prompt_ids = prompt_table(dataset, empty_prompt)
         chunks = [self.encode_prompts(pipe, prompts[i:i + batch_size], **prompt_kwargs)
                   for i in range(0, len(prompts), batch_size)]
         conditioning = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
         return self.make_dataset(latents, labels, conditioning, flipped,
-                                 None if prompt_ids is None else prompt_ids.to(latents.device))
+                                 None if prompt_ids is None else prompt_ids.to(latents.device),
+                                 len(prompts) - 1 if empty_prompt else None)
 
     # --- the loss ------------------------------------------------------------------------------
     def draw_inputs(self, num_examples: int, latent_shape: tuple[int, ...], noise_scheduler,

@@ -70,15 +70,16 @@ class StableDiffusionFamily(_DDPMFamily):
         """{"encoder_hidden_states": (K, T, D)}: the text encoder's last hidden states (diffusion.encode_prompts)."""
         return {"encoder_hidden_states": encode_prompts(pipe, prompts)}
 
-    def make_dataset(self, latents, labels, conditioning, flipped_latents=None, prompt_ids=None) -> EncodedDataset:
+    def make_dataset(self, latents, labels, conditioning, flipped_latents=None, prompt_ids=None,
+                     empty_prompt_row=None) -> EncodedDataset:
         # a plain EncodedDataset: batch() gives the (B, T, D) tensor, as every existing caller expects
         return EncodedDataset(latents=latents, labels=labels, prompt_embeds=conditioning["encoder_hidden_states"],
-                              flipped_latents=flipped_latents, prompt_ids=prompt_ids)
+                              flipped_latents=flipped_latents, prompt_ids=prompt_ids, empty_prompt_row=empty_prompt_row)
 
     def encode_dataset(self, pipe, dataset, batch_size=64, show_progress=True, flip=False, num_workers=0,
-                       **prompt_kwargs) -> EncodedDataset:
+                       empty_prompt=False, **prompt_kwargs) -> EncodedDataset:
         return encode_dataset(pipe, dataset, batch_size=batch_size, show_progress=show_progress, flip=flip,
-                              num_workers=num_workers)
+                              num_workers=num_workers, empty_prompt=empty_prompt)
 
     def per_sample_loss(self, denoiser, noise_scheduler, latents, conditioning, noise, timesteps):
         """diffusion.per_sample_diffusion_loss; conditioning: the (B, T, D) tensor or {"encoder_hidden_states": it}."""
