@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, METHODS,
+from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, GUIDANCE_COMPARISON,
+                     GUIDANCE_SCALES, METHODS,
                      NON_PRIVATE, PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
@@ -252,6 +253,22 @@ def decoder_table() -> str:
     return "\n".join(rows)
 
 
+def guidance_table() -> str:
+    """GUIDANCE_COMPARISON (quality.py, docs/results/guidance/): each seed-0 adapter's images at each guidance
+    scale (same synthesis seed), scored on the validation split; recall (the share of real images near a synthetic
+    one) is the diversity column."""
+    runs = {r["method"]: r for r in load_runs(RESULTS / "guidance")}
+    if not runs:
+        return "(not run yet: `python benchmarks/quality.py --guidance_comparison`)"
+    rows = ["| adapter | " + " | ".join(f"guidance {g}: FID / Acc (%) / recall" for g in GUIDANCE_SCALES) + " |",
+            "|---|" + "---|" * len(GUIDANCE_SCALES)]
+    for method, epsilon in GUIDANCE_COMPARISON.items():
+        cells = [runs.get(f"{method}: guidance {g}") for g in GUIDANCE_SCALES]
+        show = lambda r: "not run" if r is None else f"{r['fid']:.2f} / {100 * r['acc']:.1f} / {r['recall']:.2f}"
+        rows.append(f"| {method}, epsilon {epsilon}, seed 0 | " + " | ".join(map(show, cells)) + " |")
+    return "\n".join(rows)
+
+
 def side_by_side_samples(runs: list[dict], epsilon: str) -> str:
     """docs/results/samples_eps<epsilon>.png: each seed-0 run's samples.png (kept by quality.py in
     docs/results/samples/) side by side; returns the Markdown that shows it (empty if no run has samples)."""
@@ -322,6 +339,14 @@ UNet and latent space are identical), the classifier tested on Fashion-MNIST tra
 trained on at N = {SCALE['max_train_samples']:,}), so the choice of decoder is never made on the test split.
 
 {decoder_table()}
+
+## Guidance scale at synthesis (paired, validation split)
+
+The same seed-0 adapters synthesized again (same synthesis seed) at other classifier-free guidance scales, free
+in privacy (post-processing; 1 = no guidance; 4 is synthesize.py's default and the table's), scored like the
+decoder comparison on the validation split, so a synthesis default chosen from it never reads the test split.
+
+{guidance_table()}
 
 ## Which classes each synthetic set teaches (accuracy per real test class, %)
 

@@ -99,6 +99,22 @@ def test_the_decoder_comparison_is_paired_and_scored_on_the_validation_split(tmp
         assert quality.synthetic_folder("x", v1[6], v1[5]) != quality.synthetic_folder("x", refined[6], ())
 
 
+def test_the_guidance_comparison_reuses_the_tables_adapters_and_is_scored_on_the_validation_split():
+    plan = quality.guidance_comparison_plan()
+    assert len(plan) == len(quality.GUIDANCE_COMPARISON) * len(quality.GUIDANCE_SCALES)
+    for method, epsilon, flags, seed, split, extra, adapter, subdir in plan:
+        table_method = method.rsplit(": guidance ", 1)[0]
+        assert quality.GUIDANCE_COMPARISON[table_method] == epsilon and seed == "0"
+        # the test-split run's own adapter and training flags (never retrained), scored on the validation split
+        assert adapter == quality.run_key(table_method, epsilon, "0") and split == "validation" and subdir == "guidance"
+        assert flags == {**quality.METHODS, **quality.CEILING}[table_method]
+        scale = method.rsplit(" ", 1)[1]
+        # guidance 4 is synthesize.py's default: the table's own images, re-scored, not drawn again
+        assert extra == (() if scale == "4" else ("--guidance_scale", scale))
+    folders = {quality.synthetic_folder("x", item[6], item[5]) for item in plan}
+    assert len(folders) == len(plan) and quality.RUNS / f"{plan[0][6]}-synthetic" in folders
+
+
 def test_public_model_v1_is_the_first_decoder_with_the_same_unet(tmp_path):
     known = subprocess.run(["git", "cat-file", "-e", quality.PUBLIC_MODEL_V1_COMMIT], cwd=quality.ROOT)
     if known.returncode != 0:
