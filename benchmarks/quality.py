@@ -143,7 +143,8 @@ DECODER_COMPARISON = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)", PUBLIC)
 # non-private conv-pool adapter draws near-copies within a class (mean per-pixel std over a class's images
 # 0.05-0.18, against 0.22-0.33 for the private rows and the public model), a known effect of strong guidance,
 # and a classifier trained on near-copies transfers poorly.
-GUIDANCE_COMPARISON = {"LoRA w/o DP (all linear and conv layers)": "inf", "DP-SAPF (ratio 0.3)": "10"}
+GUIDANCE_COMPARISON = {"LoRA w/o DP (all linear and conv layers)": "inf", "DP-SAPF (ratio 0.3)": "10",
+                       "DP-LoRA (q/k/v)": "10"}
 GUIDANCE_SCALES = ("4", "1", "2")  # 4: synthesize.py's default (the table's images, reused: only re-scored)
 
 
@@ -463,10 +464,10 @@ def decoder_comparison_plan(v1: Path) -> list[tuple]:
 def guidance_comparison_plan() -> list[tuple]:
     """GUIDANCE_COMPARISON's runs: each adapter (seed 0; trained by the main plan, reused) synthesized at each of
     GUIDANCE_SCALES and scored on the validation split, into docs/results/guidance/."""
-    plan = []
-    for method, epsilon in GUIDANCE_COMPARISON.items():
-        flags = {**METHODS, **CEILING}[method]
-        for scale in GUIDANCE_SCALES:
+    plan = []  # scale by scale (4 and 1 of every adapter first: the paired comparison that matters most)
+    for scale in GUIDANCE_SCALES:
+        for method, epsilon in GUIDANCE_COMPARISON.items():
+            flags = {**METHODS, **CEILING}[method]
             extra = () if scale == "4" else ("--guidance_scale", scale)
             plan.append((f"{method}: guidance {scale}", epsilon, flags, "0", "validation", extra,
                          run_key(method, epsilon, "0"), "guidance"))
