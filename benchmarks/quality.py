@@ -46,6 +46,10 @@ SCALE = {
     "images_per_class": 1000,      # synthetic images per class (10,000 in all; DPImageBench's protocol, scaled)
     "image_mode": "L",             # Fashion-MNIST is grayscale: synthetic PNGs saved as luma (the main job's choice)
     "num_inference_steps": 20,
+    # classifier-free guidance at synthesis: 1 = none, chosen on the VALIDATION split by the guidance comparison
+    # below (every adapter scored higher at 1 than at synthesize.py's default 4); results made before this key
+    # existed were made at 4 (HISTORICAL_SCALE)
+    "guidance_scale": 1.0,
     "classifier_epochs": 15,
     "real_test_images": 10000,     # the whole Fashion-MNIST test split: FID reference and accuracy
 }
@@ -129,8 +133,12 @@ REAL_CALIBRATION = {"Real training images (100 per class)": 100, "Real training 
 # public model.
 AUTOENCODED = (f"Real training images through the public VAE ({SCALE['images_per_class']:,} per class)",
                SCALE["images_per_class"])
-# SCALE's entries a real calibration row depends on (it synthesizes nothing); every other row depends on all
+# SCALE's entries a real calibration row depends on (it synthesizes nothing); the autoencoded row also on how many
+# images it decodes and how they are saved; every other row depends on all
 EVALUATION_SCALE = ("classifier_epochs", "real_test_images")
+AUTOENCODED_SCALE = (*EVALUATION_SCALE, "images_per_class", "image_mode")
+# the value a SCALE key had before it was written into results (synthesize.py's default guidance was 4.0 throughout)
+HISTORICAL_SCALE = {"guidance_scale": 4.0}
 # The decoder comparison: the seed-0 epsilon-10 adapters (and the public model) synthesized again with the first
 # public model's VAE decoder (before examples/refine_public_decoder.py; encoder, UNet and latent space identical),
 # same synthesis seed, both scored on the VALIDATION split: paired, and nothing decided from the test split.
@@ -145,7 +153,7 @@ DECODER_COMPARISON = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)", PUBLIC)
 # and a classifier trained on near-copies transfers poorly.
 GUIDANCE_COMPARISON = {"LoRA w/o DP (all linear and conv layers)": "inf", "DP-SAPF (ratio 0.3)": "10",
                        "DP-LoRA (q/k/v)": "10"}
-GUIDANCE_SCALES = ("4", "1", "2")  # 4: synthesize.py's default (the table's images, reused: only re-scored)
+GUIDANCE_SCALES = ("4", "1", "2")  # SCALE's own scale: the table's images, reused (only re-scored)
 
 
 def slug(method: str, epsilon: str, seed: str) -> str:
@@ -183,11 +191,23 @@ def check_current(result_file: Path) -> None:
     if depends_on_public_model(result["method"]) and result.get("public_model") != current_public_model():
         raise RuntimeError(f"{result_file} was made with another public model ({result.get('public_model')}, now "
                            f"{current_public_model()}): move it to an archive folder or delete it to re-run")
-    keys = SCALE if depends_on_public_model(result["method"]) else EVALUATION_SCALE
-    changed = sorted(k for k in keys if result.get("scale", {}).get(k) != SCALE[k])
+    method = result["method"]
+    keys = EVALUATION_SCALE if method in REAL_CALIBRATION else AUTOENCODED_SCALE if method == AUTOENCODED[0] else SCALE
+    recorded = {**HISTORICAL_SCALE, **result.get("scale", {})}
+    expected = dict(SCALE)
+    if ": guidance " in method:  # a guidance-comparison row: made at the scale in its name, by its synthesis flags
+        recorded["guidance_scale"] = guidance_of(result.get("synthesis_flags", []), recorded["guidance_scale"])
+        expected["guidance_scale"] = float(method.rsplit(" ", 1)[1])
+    changed = sorted(k for k in keys if recorded.get(k) != expected[k])
     if changed:
         raise RuntimeError(f"{result_file} was made at another scale ({', '.join(changed)} differ from SCALE): move "
                            "it to an archive folder or delete it to re-run")
+
+
+def guidance_of(synthesis_flags: list[str], default: float) -> float:
+    """The guidance scale a synthesis ran at: the last --guidance_scale among its extra flags, else `default`."""
+    values = [synthesis_flags[i + 1] for i, flag in enumerate(synthesis_flags[:-1]) if flag == "--guidance_scale"]
+    return float(values[-1]) if values else default
 
 
 def public_model_v1(target: Path = PUBLIC_MODEL_V1) -> Path:
@@ -287,6 +307,7 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
             python, "examples/synthesize.py", "--output_dir", str(synthetic), "--seed", seed,
             "--images_per_class", str(SCALE["images_per_class"]),
             "--num_inference_steps", str(SCALE["num_inference_steps"]), "--image_mode", SCALE["image_mode"],
+            "--guidance_scale", str(SCALE["guidance_scale"]),
             *(["--lora_dir", str(run_dir)] if train_flags is not None else _public_prompts()), *synthesis_flags], log)
     metrics_file = RUNS / f"{key}-metrics.json"
     stages["evaluation"] = run_measured([
@@ -468,7 +489,7 @@ def guidance_comparison_plan() -> list[tuple]:
     for scale in GUIDANCE_SCALES:
         for method, epsilon in GUIDANCE_COMPARISON.items():
             flags = {**METHODS, **CEILING}[method]
-            extra = () if scale == "4" else ("--guidance_scale", scale)
+            extra = () if float(scale) == SCALE["guidance_scale"] else ("--guidance_scale", scale)
             plan.append((f"{method}: guidance {scale}", epsilon, flags, "0", "validation", extra,
                          run_key(method, epsilon, "0"), "guidance"))
     return plan

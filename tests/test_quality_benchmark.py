@@ -109,10 +109,27 @@ def test_the_guidance_comparison_reuses_the_tables_adapters_and_is_scored_on_the
         assert adapter == quality.run_key(table_method, epsilon, "0") and split == "validation" and subdir == "guidance"
         assert flags == {**quality.METHODS, **quality.CEILING}[table_method]
         scale = method.rsplit(" ", 1)[1]
-        # guidance 4 is synthesize.py's default: the table's own images, re-scored, not drawn again
-        assert extra == (() if scale == "4" else ("--guidance_scale", scale))
+        # SCALE's guidance: the table's own images, re-scored, not drawn again
+        assert extra == (() if float(scale) == quality.SCALE["guidance_scale"] else ("--guidance_scale", scale))
+        assert quality.guidance_of(list(extra), quality.SCALE["guidance_scale"]) == float(scale)
     folders = {quality.synthetic_folder("x", item[6], item[5]) for item in plan}
     assert len(folders) == len(plan) and quality.RUNS / f"{plan[0][6]}-synthetic" in folders
+
+
+def test_results_from_before_the_guidance_key_count_as_guidance_4(tmp_path):
+    current, scale = quality.public_model_fingerprint(), dict(quality.SCALE)
+    del scale["guidance_scale"]  # how every result before the key was written (synthesize.py's default, 4)
+    assert quality.SCALE["guidance_scale"] != 4.0
+    with pytest.raises(RuntimeError, match="another scale.*guidance_scale"):
+        quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3)", current, scale))
+    quality.check_current(_result(tmp_path, quality.AUTOENCODED[0], current, scale))  # it draws nothing
+    quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3): guidance 4", current, scale))  # made at its name's
+    with pytest.raises(RuntimeError, match="guidance_scale"):
+        quality.check_current(_result(tmp_path, "DP-SAPF (ratio 0.3): guidance 2", current, scale))
+    flagged = tmp_path / "flagged_eps10_seed0.json"
+    flagged.write_text(json.dumps({"method": "DP-SAPF (ratio 0.3): guidance 2", "public_model": current,
+                                   "scale": scale, "synthesis_flags": ["--guidance_scale", "2"]}))
+    quality.check_current(flagged)
 
 
 def test_public_model_v1_is_the_first_decoder_with_the_same_unet(tmp_path):
