@@ -343,8 +343,9 @@ trained on at N = {SCALE['max_train_samples']:,}), so the choice of decoder is n
 ## Guidance scale at synthesis (paired, validation split)
 
 The same seed-0 adapters synthesized again (same synthesis seed) at other classifier-free guidance scales, free
-in privacy (post-processing; 1 = no guidance; 4 is synthesize.py's default and the table's), scored like the
-decoder comparison on the validation split, so a synthesis default chosen from it never reads the test split.
+in privacy (post-processing; 1 = no guidance; 4 is synthesize.py's default and was the table's until this
+comparison, [archived](results/guidance-4/results.md); the table above now uses {SCALE['guidance_scale']:g}), scored
+like the decoder comparison on the validation split, so the choice never reads the test split. One seed per cell.
 
 {guidance_table()}
 
