@@ -48,7 +48,11 @@ def parse_args(argv=None):
                    default="dpm_solver_multistep",
                    help="DPM-Solver multistep, or the scheduler stored with the pipeline.")
     p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--guidance_scale", type=float, default=4.0,
+                   help="Classifier-free guidance scale (1 = none, half the compute). On the embedded default 1 drew "
+                        "better training data than 4 for every adapter compared (docs/results.md, validation split: "
+                        "guidance extrapolates from an unconditional prediction the adapter never trained unless "
+                        "--proportion_empty_prompts was given); scripts/run.sh uses 1.")
     p.add_argument("--image_mode", choices=synthesis.IMAGE_MODES, default="RGB",
                    help="Mode of the saved images: RGB, or L (grayscale) when the private data is grayscale, "
                         "e.g. Fashion-MNIST. A declared format, like the resolution; never read from the data.")
