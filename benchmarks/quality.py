@@ -149,7 +149,7 @@ DECODER_COMPARISON = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)", PUBLIC)
 # guidance scales (post-processing: free in privacy; 1 = no guidance), same synthesis seed, every scale scored on
 # the VALIDATION split (so a synthesis default chosen from it never reads the test split). Why: at guidance 4 the
 # non-private conv-pool adapter draws near-copies within a class (mean per-pixel std over a class's images
-# 0.05-0.18, against 0.22-0.33 for the private rows and the public model), a known effect of strong guidance,
+# 0.05-0.18, against 0.22-0.33 for the private rows, 0.25-0.39 for the public model), a known effect of strong guidance,
 # and a classifier trained on near-copies transfers poorly.
 GUIDANCE_COMPARISON = {"LoRA w/o DP (all linear and conv layers)": "inf", "DP-SAPF (ratio 0.3)": "10",
                        "DP-LoRA (q/k/v)": "10"}
