@@ -80,8 +80,9 @@ METHODS = {
     "DP-SAPF (debiased score)": ["--saliency_score", "debiased"],
 }
 # Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
-# 50,000-59,999, never trained on at N = 10,000) so that choosing defaults from it never reads the test split.
-# Later flags override SCALE's (same compute unless the name says otherwise).
+# 50,000-59,999, never trained on at N <= 50,000) so that choosing defaults from it never reads the test split.
+# Later flags override SCALE's (same compute unless the name says otherwise). "defaults" is the table's seed-0
+# DP-SAPF adapter and images (the same flags; ablation_plan), only scored again on the validation split.
 ABLATION = {
     "defaults": [],
     "EMA 0.99": ["--use_ema", "--ema_decay", "0.99"],
@@ -93,22 +94,30 @@ ABLATION = {
     "selection budget 5%": ["--selection_budget_fraction", "0.05"],
     "selection budget 20%": ["--selection_budget_fraction", "0.2"],
     # the same flags again (fresh DP noise and sampling): the run-to-run spread the rows above are read against
-    "defaults, a second run": [],
+    "a second run of the defaults": [],
     # the levers beyond issue 12's list: at epsilon 10 the private runs trail the non-private one by ~5 points
     # and both are far below real data, so capacity and steps may bind before the DP noise does
     "learning rate 5e-3": ["--learning_rate", "5e-3"],
     "rank 16": ["--rank", "16"],
     "600 steps (4x compute)": ["--max_train_steps", "600"],
+    # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
+    # (emoji) prediction (the guidance comparison): train the unconditional prediction too (diffusers' flag)
+    "10% empty prompts": ["--proportion_empty_prompts", "0.1"],
+    # the DP noise on the mean gradient falls as 1 / batch at a fixed sampling rate q (so at the same sigma):
+    # 5x the data and 5x the batch, the most the validation split leaves (images 0-49,999)
+    "N = 50,000, batch 1,280 (same q and sigma, 5x compute)": ["--max_train_samples", "50000",
+                                                                "--expected_batch_size", "1280"],
     # last: issue 12 measured that C = 1 clips nothing on these gradients and learns little
     "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
 }
-# Synthesis settings (post-processing: free in privacy), each applied to the adapter of the "defaults" run above
-# (trained once; the same synthesis seed, so the comparison with "defaults" is paired).
+# Synthesis settings (post-processing: free in privacy): name -> (the ABLATION variant whose adapter is
+# synthesized again, the extra synthesis flags); the same synthesis seed, so each is paired with that variant.
+# (Guidance scales of the defaults' adapter are the guidance comparison's, below.)
 SYNTHESIS_ABLATION = {
-    "RGB images (--image_mode RGB)": ["--image_mode", "RGB"],
-    "guidance 2": ["--guidance_scale", "2"],
-    "guidance 7": ["--guidance_scale", "7"],
-    "50 sampling steps": ["--num_inference_steps", "50"],
+    "RGB images (--image_mode RGB)": ("defaults", ["--image_mode", "RGB"]),
+    "50 sampling steps": ("defaults", ["--num_inference_steps", "50"]),
+    "10% empty prompts, guidance 2": ("10% empty prompts", ["--guidance_scale", "2"]),
+    "10% empty prompts, guidance 4": ("10% empty prompts", ["--guidance_scale", "4"]),
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 # How far this public UNet can be fine-tuned at all at SCALE's compute, without DP: every Linear (attention,
@@ -459,13 +468,16 @@ def main():
 
 
 def ablation_plan() -> list[tuple]:
-    """ABLATION's runs, with SYNTHESIS_ABLATION's after the first two trainings (they reuse the adapter of
-    "defaults", so they can start as soon as it is trained)."""
-    defaults = run_key("DP-SAPF ablation: defaults", "10", "0", "validation")
-    training = [(f"DP-SAPF ablation: {name}", "10", flags, "0", "validation") for name, flags in ABLATION.items()]
-    synthesis_only = [(f"DP-SAPF ablation: {name}", "10", [], "0", "validation", tuple(flags), defaults)
-                      for name, flags in SYNTHESIS_ABLATION.items()]
-    return training[:2] + synthesis_only + training[2:]
+    """ABLATION's runs, each variant followed by SYNTHESIS_ABLATION's runs of its adapter; "defaults" reuses the
+    test-split table's seed-0 DP-SAPF adapter and images (same flags), so it is only scored again."""
+    adapters = {name: run_key(f"DP-SAPF ablation: {name}", "10", "0", "validation") for name in ABLATION}
+    adapters["defaults"] = run_key("DP-SAPF (ratio 0.3)", "10", "0")
+    plan = []
+    for name, flags in ABLATION.items():
+        plan.append((f"DP-SAPF ablation: {name}", "10", flags, "0", "validation", (), adapters[name]))
+        plan += [(f"DP-SAPF ablation: {variant}", "10", flags, "0", "validation", tuple(extra), adapters[name])
+                 for variant, (adapter, extra) in SYNTHESIS_ABLATION.items() if adapter == name]
+    return plan
 
 
 def decoder_comparison_plan(v1: Path) -> list[tuple]:

@@ -227,7 +227,7 @@ def ablation_table() -> str:
             continue
         sigma = next((st["noise_multiplier"] for st in run["privacy"]["stages"] if st["name"] == "dp_sgd"), None)
         train_seconds = run["stages"].get("train", {}).get("seconds")
-        shared = " (the defaults' adapter)" if name in SYNTHESIS_ABLATION else ""
+        shared = f" ({SYNTHESIS_ABLATION[name][0]}'s adapter)" if name in SYNTHESIS_ABLATION else ""
         difference = "" if base is None or name == "defaults" else f"{100 * (run['acc'] - base['acc']):+.1f}"
         rows.append(f"| {name} | {run['fid']:.2f} | {100 * run['acc']:.1f} | {difference} | "
                     f"{sigma:.3g} | {train_seconds if train_seconds is not None else '?'}{shared} | "
@@ -372,9 +372,10 @@ like the decoder comparison on the validation split, so the choice never reads t
 ## Ablation of DP-SAPF at epsilon 10 (one seed, scored on the validation split, never the test split)
 
 `python benchmarks/quality.py --ablation`: the scale above with one change per row; accuracy of the same
-ResNet-8 on Fashion-MNIST training images 50,000-59,999 (never trained on at N = {SCALE['max_train_samples']:,}),
-FID against them. The synthesis rows reuse the adapter of "defaults" and its synthesis seed (a paired comparison);
-the others are fresh runs (fresh DP noise), so their differences include a seed spread of about 2-4 points.
+ResNet-8 on Fashion-MNIST training images 50,000-59,999 (never trained on at N <= 50,000), FID against them.
+"defaults" is the table's seed-0 DP-SAPF adapter and images, scored on this split. The synthesis rows reuse the
+adapter named in their train column and its synthesis seed (paired with that row); the others are fresh runs
+(fresh DP noise), so their differences include a seed spread of about 2-4 points (the table's 3 seeds: 2.2 std).
 
 {ablation_table()}
 

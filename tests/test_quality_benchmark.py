@@ -24,18 +24,27 @@ def test_every_run_has_its_own_result_file():
     assert len(slugs) == len(names) * 2 * len(quality.SEEDS)
 
 
-def test_the_synthesis_ablation_reuses_the_defaults_adapter_after_it_is_trained():
+def test_the_ablation_reuses_the_tables_defaults_adapter_and_each_synthesis_variant_its_adapter():
     plan = quality.ablation_plan()
-    defaults = quality.run_key("DP-SAPF ablation: defaults", "10", "0", "validation")
-    assert plan[0][0] == "DP-SAPF ablation: defaults" and plan[0][2] == []
-    synthesis_only = [item for item in plan if len(item) > 5]
+    table_adapter = quality.run_key("DP-SAPF (ratio 0.3)", "10", "0")
+    assert plan[0] == ("DP-SAPF ablation: defaults", "10", quality.METHODS["DP-SAPF (ratio 0.3)"], "0",
+                       "validation", (), table_adapter)
+    assert quality.synthetic_folder("ablation-defaults", table_adapter, ()) == quality.RUNS / f"{table_adapter}-synthetic"
+    trainings = {item[0].removeprefix("DP-SAPF ablation: "): item for item in plan if not item[5]}
+    assert list(trainings) == list(quality.ABLATION)
+    synthesis_only = [item for item in plan if item[5]]
     assert len(synthesis_only) == len(quality.SYNTHESIS_ABLATION)
     for method, epsilon, train_flags, seed, split, synthesis_flags, adapter_key in synthesis_only:
-        # same training flags as "defaults", so whichever run reaches the adapter first trains the same one
-        assert (epsilon, train_flags, seed, split, adapter_key) == ("10", [], "0", "validation", defaults)
-        assert synthesis_flags and method.removeprefix("DP-SAPF ablation: ") in quality.SYNTHESIS_ABLATION
+        variant, extra = quality.SYNTHESIS_ABLATION[method.removeprefix("DP-SAPF ablation: ")]
+        trained = trainings[variant]
+        # the same training flags as its variant, so whichever run reaches the adapter first trains the same one
+        assert (train_flags, adapter_key) == (trained[2], trained[6]) and synthesis_flags == tuple(extra)
+        assert plan.index(trained) < plan.index((method, epsilon, train_flags, seed, split, synthesis_flags,
+                                                 adapter_key))
     assert all(item[4] == "validation" for item in plan)  # the ablation never reads the test split
-    assert quality.training_lock(quality.RUNS / defaults) is quality.training_lock(quality.RUNS / defaults)
+    assert all("--max_train_samples" not in flags or int(flags[flags.index("--max_train_samples") + 1]) <= 50_000
+               for flags in quality.ABLATION.values())  # the validation images are train images 50,000-59,999
+    assert quality.training_lock(quality.RUNS / table_adapter) is quality.training_lock(quality.RUNS / table_adapter)
 
 
 def test_real_calibration_subset_is_the_first_images_of_each_class(tmp_path):
