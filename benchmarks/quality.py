@@ -100,13 +100,13 @@ ABLATION = {
     "learning rate 5e-3": ["--learning_rate", "5e-3"],
     "rank 16": ["--rank", "16"],
     "600 steps (4x compute)": ["--max_train_steps", "600"],
-    # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
-    # (emoji) prediction (the guidance comparison): train the unconditional prediction too (diffusers' flag)
-    "10% empty prompts": ["--proportion_empty_prompts", "0.1"],
     # the DP noise on the mean gradient falls as 1 / batch at a fixed sampling rate q (so at the same sigma):
     # 5x the data and 5x the batch, the most the validation split leaves (images 0-49,999)
     "N = 50,000, batch 1,280 (same q and sigma, 5x compute)": ["--max_train_samples", "50000",
                                                                 "--expected_batch_size", "1280"],
+    # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
+    # (emoji) prediction (the guidance comparison): train the unconditional prediction too (diffusers' flag)
+    "10% empty prompts": ["--proportion_empty_prompts", "0.1"],
     # last: issue 12 measured that C = 1 clips nothing on these gradients and learns little
     "flat clipping C = 1": ["--clipping", "flat", "--selection_clipping", "flat"],
 }
@@ -116,8 +116,8 @@ ABLATION = {
 SYNTHESIS_ABLATION = {
     "RGB images (--image_mode RGB)": ("defaults", ["--image_mode", "RGB"]),
     "50 sampling steps": ("defaults", ["--num_inference_steps", "50"]),
-    "10% empty prompts, guidance 2": ("10% empty prompts", ["--guidance_scale", "2"]),
-    "10% empty prompts, guidance 4": ("10% empty prompts", ["--guidance_scale", "4"]),
+    "the empty-prompt adapter at guidance 2": ("10% empty prompts", ["--guidance_scale", "2"]),
+    "the empty-prompt adapter at guidance 4": ("10% empty prompts", ["--guidance_scale", "4"]),
 }
 NON_PRIVATE = ("LoRA w/o DP (all q/k/v)", ["--selection_strategy", "all"])
 # How far this public UNet can be fine-tuned at all at SCALE's compute, without DP: every Linear (attention,
