@@ -227,11 +227,14 @@ def ablation_table() -> str:
             continue
         sigma = next((st["noise_multiplier"] for st in run["privacy"]["stages"] if st["name"] == "dp_sgd"), None)
         train_seconds = run["stages"].get("train", {}).get("seconds")
-        shared = f" ({SYNTHESIS_ABLATION[name][0]}'s adapter)" if name in SYNTHESIS_ABLATION else ""
+        # "defaults" reuses the table's seed-0 adapter and images (quality.ablation_plan), the synthesis rows an
+        # ablation adapter: their train seconds are that training's
+        shared = (f" (the adapter of {SYNTHESIS_ABLATION[name][0]})" if name in SYNTHESIS_ABLATION
+                  else " (the table's seed-0 run)" if name == "defaults" else "")
+        synthesis = "the table's images" if name == "defaults" else f"{run['stages']['synthesis']['seconds']:.0f}"
         difference = "" if base is None or name == "defaults" else f"{100 * (run['acc'] - base['acc']):+.1f}"
         rows.append(f"| {name} | {run['fid']:.2f} | {100 * run['acc']:.1f} | {difference} | "
-                    f"{sigma:.3g} | {train_seconds if train_seconds is not None else '?'}{shared} | "
-                    f"{run['stages']['synthesis']['seconds']:.0f} |")
+                    f"{sigma:.3g} | {train_seconds if train_seconds is not None else '?'}{shared} | {synthesis} |")
     return "\n".join(rows)
 
 
