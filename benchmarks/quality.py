@@ -272,6 +272,12 @@ def run_key(method: str, epsilon: str, seed: str, real_split: str = "test") -> s
     return slug(method, epsilon, seed) if real_split == "test" else f"ablation-{slug(method, epsilon, seed)}"
 
 
+def adapter_result(adapter_key: str) -> Path:
+    """The result file of the run that trained the adapter in runs/quality/<adapter_key> (run_key's inverse)."""
+    name = adapter_key.removeprefix("ablation-")
+    return (RESULTS if name == adapter_key else RESULTS / "ablation") / f"{name}.json"
+
+
 def synthetic_folder(key: str, adapter_key: str | None, synthesis_flags: tuple[str, ...]) -> Path:
     """Where a run's images go: its own folder, or (a run reusing another's adapter) the adapter run's folder
     when the synthesis is the same (resumed: not redone), else one named by a hash of the extra flags."""
@@ -308,6 +314,12 @@ def run_one(method: str, epsilon: str, train_flags: list[str] | None, seed: str 
         check_current(result_file)
         return result_file
     run_dir, log = RUNS / (adapter_key or key), RUNS / f"{key}.log"
+    owner = adapter_result(adapter_key) if adapter_key not in (None, key) else None
+    if (owner is not None and owner.exists() and train_flags is not None
+            and not (run_dir / "privacy_report.json").exists()):
+        raise RuntimeError(f"{method} reuses the adapter {owner} was scored on, but {run_dir} is gone (runs/ is not "
+                           "committed): training it again would pair this row with other DP noise. Run both afresh "
+                           f"(delete {owner}) or leave this row unrun.")
     RUNS.mkdir(parents=True, exist_ok=True)
     python, stages = sys.executable, {}
     with training_lock(run_dir):

@@ -47,6 +47,25 @@ def test_the_ablation_reuses_the_tables_defaults_adapter_and_each_synthesis_vari
     assert quality.training_lock(quality.RUNS / table_adapter) is quality.training_lock(quality.RUNS / table_adapter)
 
 
+def test_a_row_whose_shared_adapter_is_gone_is_refused_rather_than_paired_with_a_retrained_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+    plan = quality.ablation_plan()
+    variant, method, epsilon, flags, seed, split, extra, adapter_key = next(
+        (quality.SYNTHESIS_ABLATION[item[0].removeprefix("DP-SAPF ablation: ")][0], *item) for item in plan
+        if item[5] and quality.SYNTHESIS_ABLATION[item[0].removeprefix("DP-SAPF ablation: ")][0] != "defaults")
+    owner = next(item for item in plan if item[0] == f"DP-SAPF ablation: {variant}" and not item[5])
+    assert quality.adapter_result(adapter_key) == (tmp_path / "results" / "ablation"
+                                                   / f"{quality.slug(owner[0], epsilon, seed)}.json")
+    assert quality.adapter_result(quality.run_key("DP-SAPF (ratio 0.3)", "10", "0")) == (
+        tmp_path / "results" / "dp-sapf-ratio-0-3_eps10_seed0.json")
+    quality.adapter_result(adapter_key).parent.mkdir(parents=True)
+    quality.adapter_result(adapter_key).write_text("{}")  # the owner was scored, in runs/ that are gone
+    with pytest.raises(RuntimeError, match="is gone.*other DP noise"):
+        quality.run_one(method, epsilon, flags, seed, split, extra, adapter_key)
+    assert not (tmp_path / "runs" / adapter_key).exists()  # nothing was trained
+
+
 def test_real_calibration_subset_is_the_first_images_of_each_class(tmp_path):
     npz = quality.write_real_subset(tmp_path, per_class=3)
     subset = load_synthetic(npz, class_names=load_real("fashion-mnist", split="test").class_names)
