@@ -80,7 +80,7 @@ METHODS = {
     "Private sparse selection (rows, 004)": ["--selection_unit", "row"],
     "DP-SAPF (debiased score)": ["--saliency_score", "debiased"],
     # the main job's shape (batch 512 x 200) on 5x the data: the ablation's best row on the validation split
-    "DP-SAPF (ratio 0.3), N = 50,000, batch 512 x 200": [*MORE_DATA],
+    "DP-SAPF (ratio 0.3), N = 50,000, batch 512 x 200": MORE_DATA,
     "DP-LoRA (q/k/v), N = 50,000, batch 512 x 200": ["--selection_strategy", "all", *MORE_DATA],
 }
 # Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
