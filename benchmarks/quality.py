@@ -476,6 +476,11 @@ def main():
     plan += [(m, "10", METHODS[m], seed) for seed in seeds[1:] for m in main_methods]
     plan += [(NON_PRIVATE[0], "inf", NON_PRIVATE[1], "0")]
     plan += [(m, "1", METHODS[m], seed) for seed in seeds for m in main_methods]
+    # the same pair at the main job's shape on 5x the data, seeded too (seed by seed, so an interrupted run
+    # stays paired): where the methods separate more than at N = 10,000
+    more_data_pair = tuple(m for m in METHODS if m.endswith("N = 50,000, batch 512 x 200"))
+    plan += [(m, "10", METHODS[m], seed) for seed in seeds for m in more_data_pair]
+    plan += [(m, "1", METHODS[m], seed) for seed in seeds for m in more_data_pair]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]
@@ -485,7 +490,7 @@ def main():
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
     planned_all_linear = {(m, "10") for m in all_linear}
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
-             if m not in (*main_methods, *seed_methods) and (m, e) not in planned_all_linear]
+             if m not in (*main_methods, *seed_methods, *more_data_pair) and (m, e) not in planned_all_linear]
     run_plan(plan, args)
 
 
