@@ -29,7 +29,7 @@ def pushed_run(tmp_path_factory):
                   type("Repo", (), {"repo_id": repo_id})())
     patch.setattr(hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     script.main(TINY + ["--output_dir", str(out), "--rank", "2", "--lora_alpha", "6", "--target_epsilon", "8",
-                        "--push_to_hub", "--hub_model_id", "someone/dp-sapf-test"])
+                        "--validation_guidance_scale", "1", "--push_to_hub", "--hub_model_id", "someone/dp-sapf-test"])
     patch.undo()
     return out, calls
 
@@ -187,6 +187,32 @@ def test_model_card_metadata_is_valid_and_has_no_local_path(pushed_run):
     assert data["widget"][0]["output"]["url"] == "samples.png"
     assert str(EMBEDDED_MODEL_PATH) not in card.text and "/tmp" not in card.text
     assert "zero-out" in card.text and "class names" in card.text.lower()
+
+
+def test_samples_png_is_drawn_at_the_validation_guidance_scale_and_the_card_says_so(pushed_run):
+    """samples.png shows what synthesis at --validation_guidance_scale (1 here; the library default is 4)
+    would draw from the released adapter, so the card does not show images of another guidance."""
+    import numpy as np
+    from PIL import Image
+
+    from peft_dp_saliency.families import detect_family
+    from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH
+    from peft_dp_saliency.sampling import prompt_grid
+
+    out, _ = pushed_run
+    pipe = load_public_pipeline()
+    pipe.load_lora_weights(str(out))
+    detect_family(EMBEDDED_MODEL_PATH).use_fast_sampler(pipe)
+    prompts = json.loads((out / "class_prompts.json").read_text())["prompts"]
+    released = np.asarray(Image.open(out / "samples.png").convert("RGB"), dtype=float)
+
+    def grid(scale):
+        return np.asarray(prompt_grid(pipe, prompts, per_prompt=1, seed=0, guidance_scale=scale), dtype=float)
+
+    assert np.abs(released - grid(1.0)).mean() < 1.0  # the same images, up to uint8 rounding
+    assert np.abs(released - grid(4.0)).mean() > 5.0
+    card = (out / "README.md").read_text()
+    assert "Drawn at guidance_scale=1 " in card and "guidance_scale=1).images[0]" in card
 
 
 def test_hub_base_license_and_ids_in_card_metadata():

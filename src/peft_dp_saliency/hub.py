@@ -228,8 +228,12 @@ def update_text(config: SaliencyLoraConfig) -> str:
 def model_card(base_model: str, dataset_description: str, report: PrivacyReport,
                config: SaliencyLoraConfig, selection_table: str, class_prompts: list[str],
                repo_id: str | None, adapter: str = "lora", license: str | None = None,
-               dataset_id: str | None = None, pipeline_class: str = "StableDiffusionPipeline") -> ModelCard:
+               dataset_id: str | None = None, pipeline_class: str = "StableDiffusionPipeline",
+               guidance_scale: float = 4.0) -> ModelCard:
     """The Hub model card: base model, data, the guarantee in words and numbers, how to load, limits.
+
+    guidance_scale: the classifier-free guidance scale samples.png was drawn at (1 = none); the loading
+    code samples at it too.
 
     license: the adapter's license; default the base model's card license (an adapter of someone else's
     weights inherits their terms), "other" when unknown. dataset_id: a Hub dataset name, if the data is one.
@@ -286,10 +290,12 @@ not derived from the examples).
 from diffusers import {pipeline_class}
 pipe = {pipeline_class}.from_pretrained("{load_base}")
 {load_call}
-image = pipe({class_prompts[0]!r}).images[0]
+image = pipe({class_prompts[0]!r}, guidance_scale={guidance_scale:g}).images[0]
 ```
 
 ## Samples
+Drawn at guidance_scale={guidance_scale:g} (1 = no classifier-free guidance).
+
 ![samples](samples.png)
 
 ## License

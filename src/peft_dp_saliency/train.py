@@ -71,7 +71,8 @@ def check_args(args) -> None:
         problems.append(f"--selection_ratio must be in (0, 1], got {args.selection_ratio}")
     for flag in ("max_grad_norm", "expected_batch_size", "train_batch_size", "max_train_steps", "rank",
                  "learning_rate", "selection_batch_size", "selection_max_grad_norm", "checkpointing_steps",
-                 "num_validation_images", "noise_multiplicity", "selection_noise_multiplicity"):
+                 "num_validation_images", "validation_guidance_scale", "noise_multiplicity",
+                 "selection_noise_multiplicity"):
         if not getattr(args, flag) > 0:
             problems.append(f"--{flag} must be > 0, got {getattr(args, flag)}")
     if args.selection_noise_multiplier is not None and not args.selection_noise_multiplier > 0:
@@ -623,12 +624,13 @@ def base_model_name(pipeline, args) -> str:
 
 
 def sample_grid(pipe, family: ModelFamily, prompts: list[str], args, resolution: int):
-    """A grid of --num_validation_images samples per prompt from the pipeline's current (DP) weights,
-    seeded by the public --seed."""
+    """A grid of --num_validation_images samples per prompt from the pipeline's current (DP) weights at
+    --validation_guidance_scale, seeded by the public --seed."""
     family.use_fast_sampler(pipe)
     with mixed_precision(pipe.device, pipe.vae.dtype):  # fp32 trained matrices in an fp16/bf16 pipeline
         return prompt_grid(pipe, prompts, per_prompt=args.num_validation_images, seed=args.seed or 0,
-                           height=resolution, width=resolution, **family.sampling_kwargs())
+                           guidance_scale=args.validation_guidance_scale, height=resolution, width=resolution,
+                           **family.sampling_kwargs())
 
 
 def log_validation(accelerator: Accelerator, work_dir: Path, step: int, grid) -> None:
@@ -703,7 +705,8 @@ def release(args, output_dir, pipe, config, selection: SelectionResult, report, 
             card = hub.model_card(base_model, dataset.description, report, config,
                                   selection.table(), dataset.prompts, args.hub_model_id, args.adapter,
                                   license=args.license, dataset_id=_hub_dataset_id(args),
-                                  pipeline_class=family.pipeline_class_name)
+                                  pipeline_class=family.pipeline_class_name,
+                                  guidance_scale=args.validation_guidance_scale)
             card.save(str(staging / "README.md"))
     except OSError as error:
         raise SystemExit(f"could not write the outputs to {output_dir}: {error}. Nothing was released; the "

@@ -166,6 +166,10 @@ class TrainingConfig:
         "guarantee) to the --report_to trackers. Off by default.")
     validation_prompt: Optional[str] = _option(None, "Prompt of the sample grids. Default: the class prompts.")
     num_validation_images: int = _option(8, "Images per prompt in each sample grid.")
+    validation_guidance_scale: float = _option(
+        4.0, "Classifier-free guidance scale of the sample grids (1 = none). Give the scale you will synthesize "
+        "at (scripts/run.sh does) so that samples.png shows what the synthetic set holds; the card's loading "
+        "code uses it too.")
     validation_epochs: Optional[int] = _option(
         None, "Also draw a sample grid every this many epochs (an epoch = round(1 / q) DP-SGD steps), saved to "
         "<output_dir>-work/validation/ and sent to the --report_to trackers. DP-safe: the grid is computed from "
