@@ -205,9 +205,11 @@ def test_samples_png_is_drawn_at_the_validation_guidance_scale_and_the_card_says
     detect_family(EMBEDDED_MODEL_PATH).use_fast_sampler(pipe)
     prompts = json.loads((out / "class_prompts.json").read_text())["prompts"]
     released = np.asarray(Image.open(out / "samples.png").convert("RGB"), dtype=float)
+    size = released.shape[1] // 2  # one column (--num_validation_images 1), enlarged 2x by prompt_grid
 
     def grid(scale):
-        return np.asarray(prompt_grid(pipe, prompts, per_prompt=1, seed=0, guidance_scale=scale), dtype=float)
+        return np.asarray(prompt_grid(pipe, prompts, per_prompt=1, seed=0, guidance_scale=scale, height=size,
+                                      width=size), dtype=float)
 
     assert np.abs(released - grid(1.0)).mean() < 1.0  # the same images, up to uint8 rounding
     assert np.abs(released - grid(4.0)).mean() > 5.0
