@@ -86,6 +86,8 @@ def main_table(table: dict, runs: list[dict]) -> str:
 
 
 CURVE_METHODS = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
+# the same pair at the main job's shape on 5x the data (quality.py's seeded N = 50,000 rows)
+MORE_DATA_METHODS = tuple(f"{m}, N = 50,000, batch 512 x 200" for m in CURVE_METHODS)
 
 
 def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
@@ -333,7 +335,13 @@ the public model's VAE (saved as luma, like the synthetic rows).
 
 Accuracy in %, FID as above; a difference is only called a win where p < 0.05 (each seed is an independent run).
 
+At N = {SCALE['max_train_samples']:,} (the table's scale):
+
 {seeded_comparison(runs)}
+
+At N = 50,000, expected batch 512 x 200 steps (the main job's shape):
+
+{seeded_comparison(runs, *MORE_DATA_METHODS)}
 
 ## Does the refined decoder help? (paired, validation split)
 

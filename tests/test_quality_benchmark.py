@@ -207,3 +207,18 @@ def test_the_seeded_comparison_is_welch_t_over_the_seeds():
     assert cells[2:4] == ["40.0, 42.0, 41.0", "30.0, 31.0, 29.0"] and cells[4] == "+11.0"
     assert float(cells[5]) > 10 and float(cells[7]) < 0.01  # three tight seeds 11 points apart: decided
     assert all("needs >= 2 seeds" in line for line in table if line.startswith("| 1 |"))  # one seed: undecided
+
+
+def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds():
+    """A renamed row would otherwise render as "not run" while its results sit in docs/results/."""
+    import render_results
+
+    planned = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quality, "run_plan", lambda plan, args: planned.extend(plan))
+        patch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "1", "2"])
+        quality.main()
+    for pair in (render_results.CURVE_METHODS, render_results.MORE_DATA_METHODS):
+        for method in pair:
+            for epsilon in ("10", "1"):
+                assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
