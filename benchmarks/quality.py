@@ -114,6 +114,15 @@ ABLATION = {
     "main job's shape: N = 50,000, batch 512 x 200 steps": MORE_DATA,
     "N = 50,000, batch 1,024 x 120 steps (the main job's time budget)": [
         "--max_train_samples", "50000", "--expected_batch_size", "1024", "--max_train_steps", "120"],
+    # levers at the main job's shape (against the row above): EMA of the DP iterates (free post-processing:
+    # diffusers' EMAModel warms up as (1 + s) / (10 + s), so over 200 steps it averages roughly the last tenth)
+    # and a larger learning rate, alone and together (EMA damps the noise a larger step lets in)
+    "main job's shape + EMA": [*MORE_DATA, "--use_ema", "--ema_decay", "0.99"],
+    "main job's shape + learning rate 5e-3": [*MORE_DATA, "--learning_rate", "5e-3"],
+    "main job's shape + EMA + learning rate 5e-3": [*MORE_DATA, "--use_ema", "--ema_decay", "0.99",
+                                                   "--learning_rate", "5e-3"],
+    # on the test split DP-LoRA (every q/k/v) beat DP-SAPF's 30% at this shape: does a larger selected share help?
+    "main job's shape + ratio 0.5": [*MORE_DATA, "--selection_ratio", "0.5"],
     # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
     # (emoji) prediction (the guidance comparison): train the unconditional prediction too (diffusers' flag)
     "10% empty prompts": ["--proportion_empty_prompts", "0.1"],
