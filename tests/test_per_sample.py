@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from peft_dp_saliency.candidates import find_candidates, group_units
-from peft_dp_saliency.per_sample import PerSampleClipper, frozen_weights_tracked, use_ghost_norm
+from peft_dp_saliency.per_sample import PerSampleClipper, frozen_weights_tracked, tokens_and_features, use_ghost_norm
 from tiny_models import fixed_inputs, per_sample_loss, tiny_unet
 
 
@@ -142,3 +142,14 @@ def test_unsupported_convolutions_are_refused_by_name():
         PerSampleClipper({"same": nn.Conv2d(4, 4, 3, padding="same")}, 1.0)
     with pytest.raises(TypeError, match="norm is a GroupNorm"):
         PerSampleClipper({"norm": nn.GroupNorm(2, 4)}, 1.0)
+
+
+def test_a_module_input_shared_across_the_batch_is_refused():
+    """Rows that do not belong to single examples would be split into pseudo-examples: clipping bounds nothing."""
+    linear = torch.nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match="multiple of the 2 examples"):
+        tokens_and_features(linear, torch.randn(3, 6, 4), torch.randn(3, 6, 3), batch=2)
+    with pytest.raises(RuntimeError, match="multiple of the 2 examples"):
+        tokens_and_features(linear, torch.randn(1, 6, 4), torch.randn(2, 6, 3), batch=2)
+    x, g = tokens_and_features(linear, torch.randn(4, 6, 4), torch.randn(4, 6, 3), batch=2)  # K = 2 draws each
+    assert x.shape == (2, 12, 4) and g.shape == (2, 12, 3)

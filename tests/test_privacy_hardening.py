@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import stat
 
 import datasets
@@ -243,6 +244,74 @@ def test_resume_with_other_data_or_flags_is_refused_before_spending(tmp_path, ch
     with pytest.raises(SystemExit, match=f"different run.*{field}: was"):
         run(out, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", *changed, samples=16, batch=8)
     assert ledger_steps(out) == before
+
+
+def test_a_resume_cannot_drop_deterministic_noise_and_the_report_keeps_it(tmp_path):
+    """Steps already run with seeded noise stay seeded: resuming them without the flag would call them private."""
+    from test_resume import Crash, crash_on_call
+
+    out, seeded = tmp_path / "run", ["--seed", 5, "--deterministic_noise", "--max_train_steps", 3]
+    with pytest.MonkeyPatch.context() as patch:
+        crash_on_call(patch, dp_sgd.DPSGDStep, "__call__", 2)
+        with pytest.raises(Crash):
+            run(out, *seeded, samples=16, batch=8)
+    before = ledger_steps(out)
+    with pytest.raises(SystemExit, match="different run.*deterministic_noise: was True, now False"):
+        run(out, "--seed", 5, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", samples=16, batch=8)
+    assert ledger_steps(out) == before
+    run(out, *seeded, "--resume_from_checkpoint", "latest", samples=16, batch=8)
+    report = accounting.PrivacyReport.load(str(out / "privacy_report.json"))
+    assert not report.private and report.noise_source == accounting.NOISE_DETERMINISTIC
+
+
+def test_a_query_made_with_deterministic_noise_is_not_reused(tmp_path):
+    """Its noise can be regenerated from the public seed and subtracted from the released scores."""
+    seeded = tmp_path / "seeded"
+    run(seeded, "--seed", 5, "--deterministic_noise", "--max_train_steps", 1, samples=16, batch=8)
+    assert json.loads((seeded / "selection.json").read_text())["mechanism"]["deterministic_noise"] is True
+    reused = tmp_path / "reused"
+    with pytest.raises(SystemExit, match="deterministic .*NOT PRIVATE"):
+        run(reused, "--selection_json", seeded / "selection.json", samples=16, batch=8)
+    assert ledger_steps(reused) == {}
+
+
+def test_a_checkpoint_is_resumed_only_from_this_runs_folder_and_within_its_ledger(tmp_path):
+    """Another run's checkpoint (or one ahead of this ledger) would start at steps this run never accounted."""
+    from peft_dp_saliency.run_state import RunState
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    other = RunState(tmp_path / "other-work", tmp_path / "other")
+    for _ in range(3):
+        other.record_spending("dp_sgd", 1.0, 0.5, 1.0)
+    other.save_checkpoint(3, model, optimizer, scheduler)
+    mine = RunState(tmp_path / "mine-work", tmp_path / "mine")
+    mine.record_spending("dp_sgd", 1.0, 0.5, 1.0)
+    mine.save_checkpoint(1, model, optimizer, scheduler)
+    borrowed = RunState(tmp_path / "mine-work", tmp_path / "mine", resume=str(tmp_path / "other-work" / "checkpoint-3"))
+    with pytest.raises(SystemExit, match="not a checkpoint of this run"):
+        borrowed.load_checkpoint(model, optimizer, scheduler)
+    shutil.copytree(tmp_path / "other-work" / "checkpoint-3", tmp_path / "mine-work" / "checkpoint-3")
+    ahead = RunState(tmp_path / "mine-work", tmp_path / "mine", resume=str(tmp_path / "mine-work" / "checkpoint-3"))
+    with pytest.raises(SystemExit, match="records only 1 DP-SGD steps"):
+        ahead.load_checkpoint(model, optimizer, scheduler)
+    named = RunState(tmp_path / "mine-work", tmp_path / "mine", resume=str(tmp_path / "mine-work" / "checkpoint-1"))
+    assert named.load_checkpoint(model, optimizer, scheduler) == 1
+
+
+def test_a_denoiser_with_dropout_is_refused_before_spending(tmp_path):
+    """Dropout masks come from torch's global generator, which the public --seed seeds."""
+    from peft_dp_saliency.public_model import load_public_pipeline
+    from peft_dp_saliency.train import fit
+
+    pipe = load_public_pipeline()
+    dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0 for m in dropouts)
+    dropouts[0].p = 0.1
+    with pytest.raises(SystemExit, match="dropout.*p > 0.*publicly seeded"):
+        fit(pipe, output_dir=tmp_path / "out", max_train_samples=16, max_train_steps=1, expected_batch_size=8)
+    assert ledger_steps(tmp_path / "out") == {}
 
 
 def test_a_resume_that_cannot_fit_the_budget_stops_unless_allowed(tmp_path, monkeypatch):

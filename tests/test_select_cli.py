@@ -21,3 +21,13 @@ def test_select_cli_writes_selection_and_epsilon(tmp_path, capsys):
     assert privacy["epsilon"]["rdp"] == compute_epsilon([stage], privacy["delta"], "rdp")
     assert 0.9 <= max(privacy["epsilon"].values()) <= 1.0  # calibrated to 25% of epsilon 4 under both
     assert "| block |" in capsys.readouterr().out
+
+
+def test_select_cli_under_replace_one_reports_only_the_accountants_that_support_it(tmp_path):
+    """RDP cannot account a subsampled query under replace-one: the query must not run and then crash unwritten."""
+    out = tmp_path / "selection.json"
+    select.main(["--max_train_samples", "16", "--selection_batch_size", "16", "--output_json", str(out),
+                 "--target_epsilon", "4", "--adjacency", "replace_one"])
+    privacy = json.loads(out.read_text())["privacy"]
+    assert privacy["adjacency"] == "replace_one" and list(privacy["epsilon"]) == ["pld"]
+    assert 0 < privacy["epsilon"]["pld"] <= 0.4  # the default 10% of the budget

@@ -29,6 +29,18 @@ from .sharding import rank_and_world, shard_indices
 from .sparse import masks_of
 
 
+def check_no_dropout(model: nn.Module) -> None:
+    """Raise ValueError if `model` has an active dropout (p > 0): its per-example masks would come from torch's
+    global generator, which --seed (public) seeds, so they would sit outside the secret mechanism randomness."""
+    active = [name for name, module in model.named_modules()
+              if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0]
+    if active:
+        raise ValueError(f"{len(active)} dropout module(s) with p > 0 ({', '.join(active[:3])}"
+                         f"{', ...' if len(active) > 3 else ''}): their masks would be drawn from the publicly "
+                         "seeded generator; load the model with dropout 0 (e.g. its config's dropout / "
+                         "attention_dropout = 0.0)")
+
+
 def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules owning trainable parameters; each must be one the per-sample engine differentiates
     (nn.Linear or nn.Conv2d: LoRA A/B, LoDA maps or selected matrices; ``per_sample.check_supported``)."""

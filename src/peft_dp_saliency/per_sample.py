@@ -83,7 +83,14 @@ def tokens_and_features(module: nn.Module, x: torch.Tensor, g: torch.Tensor, bat
 
     Linear: T = every leading position. Conv2d: T = output positions, d_in = C_in kh kw (the unfolded
     patches, in the order of weight.reshape(C_out, -1)), d_out = C_out. With K diffusion draws per example
-    (B K consecutive rows), each example's K rows become K times the tokens."""
+    (B K consecutive rows), each example's K rows become K times the tokens.
+
+    Raises RuntimeError unless x and g lead with the same B K rows: a tensor shared across the batch
+    (no example dimension) would otherwise be split into pseudo-examples and the clipping bound lost."""
+    if x.shape[0] != g.shape[0] or x.shape[0] % batch:
+        raise RuntimeError(f"{type(module).__name__} input of shape {tuple(x.shape)} and output gradient of shape "
+                           f"{tuple(g.shape)} do not lead with a multiple of the {batch} examples: per-example "
+                           "gradients need a module whose input rows belong to single examples")
     if isinstance(module, nn.Conv2d):
         x = F.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
         g = g.float().flatten(2).transpose(1, 2)  # (B K, L, C_out)

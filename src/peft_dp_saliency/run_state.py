@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .accounting import SpendingLedger, write_json_atomic
+from .accounting import DP_SGD, SpendingLedger, write_json_atomic
 from .selection import SelectionResult
 
 
@@ -166,6 +166,9 @@ class RunState:
         path = self.checkpoints()[-1] if self.resume == "latest" and self.checkpoints() else None
         if self.resume != "latest":
             path = Path(self.resume)
+            if path.resolve().parent != self.work_dir.resolve():  # another run's steps are not in this ledger
+                raise SystemExit(f"--resume_from_checkpoint {path}: not a checkpoint of this run (its folder is "
+                                 f"{self.work_dir}); pass 'latest' or one of {[str(p) for p in self.checkpoints()]}")
         if path is None:
             return 0
         trainable = load_file(str(path / "trainable.safetensors"))
@@ -173,6 +176,10 @@ class RunState:
         for name, value in trainable.items():
             params[name].data.copy_(value)
         saved = torch.load(path / "training_state.pt", weights_only=False)
+        recorded = sum(stage.steps for stage in self.ledger.stages() if stage.name == DP_SGD) if self.ledger else None
+        if recorded is not None and recorded < int(saved["step"]):
+            raise SystemExit(f"{path} is at step {saved['step']} but this run's ledger records only {recorded} "
+                             "DP-SGD steps: its steps were not accounted here, so it cannot be resumed from")
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if ema is not None:

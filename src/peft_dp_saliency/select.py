@@ -78,9 +78,10 @@ def main(argv=None) -> dict:
     if result.mechanism is not None:
         stages = [accounting.selection_stage(config.selection_noise_multiplier, config.selection_max_grad_norm,
                                              config.selection_sample_rate)]
+        accountants = [a for a in accounting.ACCOUNTANTS if accounting.supports(a, stages, args.adjacency)]
         out["privacy"] = {"delta": delta, "dataset_size": len(dataset), "adjacency": args.adjacency,
                           "epsilon": {a: accounting.compute_epsilon(stages, delta, a, adjacency=args.adjacency)
-                                      for a in accounting.ACCOUNTANTS},
+                                      for a in accountants},
                           "noise": "deterministic (NOT PRIVATE)" if args.deterministic_noise else "os.urandom-seeded"}
     accounting.write_json_atomic(args.output_json, out)
     print(result.table())

@@ -98,6 +98,11 @@ def load_paid_selection(path: str | Path) -> SelectionResult:
     if result.strategy != "saliency" or result.mechanism is None or not result.scores:
         raise ValueError(f"{path} holds no paid saliency query (strategy {result.strategy!r}, no mechanism or "
                          "scores): pass the output of `python -m peft_dp_saliency.select` or a DP-SAPF release")
+    # seeded query noise can be regenerated from the public seed and subtracted from the scores: never reuse it
+    if (result.mechanism.get("deterministic_noise") or data.get("config", {}).get("deterministic_noise")
+            or "NOT PRIVATE" in str(data.get("privacy", {}).get("noise", ""))):
+        raise ValueError(f"{path} was made with deterministic (seeded, NOT PRIVATE) noise: its scores are not DP; "
+                         "rerun the query without --deterministic_noise")
     return result
 
 
@@ -213,7 +218,7 @@ def select_target_modules(unet, noise_scheduler, data: EncodedDataset | None,
             chosen_units = [u for u in units if u in set(top)]
         mechanism = {"name": "selection", "noise_multiplier": config.selection_noise_multiplier,
                      "sample_rate": config.selection_sample_rate, "steps": 1, "max_grad_norm": config.selection_max_grad_norm,
-                     "dataset_size": len(data)}
+                     "dataset_size": len(data), "deterministic_noise": bool(config.deterministic_noise)}
     mask = None
     if sparse:
         # Exactly round(ratio * U) entries / rows of the pool (U from the public model's shapes): how many

@@ -42,7 +42,8 @@ from peft_dp_saliency.candidates import SPARSE_UNITS
 from peft_dp_saliency.data import load_sensitive_dataset
 from peft_dp_saliency.families import SUPPORTED_PIPELINES, ModelFamily, detect_family
 from peft_dp_saliency.loda import add_loda_adapters, load_adapter, save_loda
-from peft_dp_saliency.dp_sgd import DPSGDSettings, DPSGDStep, broadcast_trainable, poisson_sampler
+from peft_dp_saliency.dp_sgd import (DPSGDSettings, DPSGDStep, broadcast_trainable, check_no_dropout,
+                                    poisson_sampler)
 from peft_dp_saliency.noise import noise_generator
 from peft_dp_saliency.run_state import RunState
 from peft_dp_saliency.sampling import prompt_grid
@@ -207,7 +208,10 @@ def plan_inputs(args, dataset) -> dict:
             "selection_budget_fraction": args.selection_budget_fraction,
             "selection_max_grad_norm": args.selection_max_grad_norm, "selection_clipping": args.selection_clipping,
             "selection_noise_multiplicity": args.selection_noise_multiplicity,
-            "selection_sample_rate": args.selection_sample_rate}
+            "selection_sample_rate": args.selection_sample_rate,
+            # a resume must not change where the mechanisms' randomness came from: the steps and query already
+            # spent with seeded noise stay seeded, whatever the resuming command says
+            "deterministic_noise": args.deterministic_noise}
 
 
 def adopt_paid_selection(args, n: int) -> SelectionResult:
@@ -479,6 +483,8 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
     if getattr(unet, "peft_config", None):
         raise SystemExit(f"the pipeline's {family.denoiser_attr} already has adapters {sorted(unet.peft_config)}: "
                          "pass a freshly loaded pipeline")
+    with input_errors("the denoiser's dropout"):
+        check_no_dropout(unet)
     with input_errors("--candidate_pool"):
         family.candidates(unet, args.candidate_pool)
     with input_errors("--gradient_checkpointing / --enable_xformers_memory_efficient_attention"):
@@ -598,7 +604,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
         ema.copy_to(params)  # the released adapter (and the samples) are the EMA of the DP iterates
 
     if accelerator.is_main_process:
-        report = build_report(plan, state, args.deterministic_noise, dataset.class_names_source)
+        report = build_report(plan, state, dataset.class_names_source)
         over_budget = report.guarantee_epsilon > plan["target_epsilon"]
         if over_budget and not args.allow_over_budget_release:
             raise SystemExit(f"this run spent epsilon {report.guarantee_epsilon:.4g} > target "
@@ -675,13 +681,14 @@ def tracker_config(args) -> dict:
             if k not in TRACKER_EXCLUDED_FLAGS and isinstance(v, (int, float, str, bool))}
 
 
-def build_report(plan: dict, state: RunState, deterministic_noise: bool, class_names_source: str):
+def build_report(plan: dict, state: RunState, class_names_source: str):
     """The privacy report from the plan and the ledger only (never from the current flags)."""
     stages = state.ledger.stages()
     recorded = sum(stage.steps for stage in stages if stage.name == accounting.DP_SGD)
     return accounting.PrivacyReport.build(
         stages, dataset_size=plan["dataset_size"], delta=plan["delta"], target_epsilon=plan["target_epsilon"],
-        accountant=plan["accountant"], deterministic_noise=deterministic_noise, adjacency=plan["adjacency"],
+        accountant=plan["accountant"], deterministic_noise=plan["deterministic_noise"],
+        adjacency=plan["adjacency"],
         class_names=f"public: {class_names_source}",
         extra={"planned_dp_sgd_steps": plan["max_train_steps"], "recorded_dp_sgd_steps": recorded})
 
