@@ -119,10 +119,12 @@ ABLATION = {
     # and a larger learning rate, alone and together (EMA damps the noise a larger step lets in)
     "main job's shape + EMA": [*MORE_DATA, "--use_ema", "--ema_decay", "0.99"],
     "main job's shape + learning rate 5e-3": [*MORE_DATA, "--learning_rate", "5e-3"],
+    "main job's shape + learning rate 1e-2": [*MORE_DATA, "--learning_rate", "1e-2"],
     "main job's shape + EMA + learning rate 5e-3": [*MORE_DATA, "--use_ema", "--ema_decay", "0.99",
                                                    "--learning_rate", "5e-3"],
     # on the test split DP-LoRA (every q/k/v) beat DP-SAPF's 30% at this shape: does a larger selected share help?
-    "main job's shape + ratio 0.5": [*MORE_DATA, "--selection_ratio", "0.5"],
+    "main job's shape + learning rate 5e-3 + ratio 0.5": [*MORE_DATA, "--learning_rate", "5e-3",
+                                                         "--selection_ratio", "0.5"],
     # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
     # (emoji) prediction (the guidance comparison): train the unconditional prediction too (diffusers' flag)
     "10% empty prompts": ["--proportion_empty_prompts", "0.1"],
