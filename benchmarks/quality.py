@@ -123,6 +123,8 @@ ABLATION = {
     "main job's shape + EMA + learning rate 5e-3": [*MORE_DATA, "--use_ema", "--ema_decay", "0.99",
                                                    "--learning_rate", "5e-3"],
     # on the test split DP-LoRA (every q/k/v) beat DP-SAPF's 30% at this shape: does a larger selected share help?
+    "main job's shape + learning rate 5e-3, DP-LoRA (every q/k/v, no query)": [
+        *MORE_DATA, "--learning_rate", "5e-3", "--selection_strategy", "all"],
     "main job's shape + learning rate 5e-3 + ratio 0.5": [*MORE_DATA, "--learning_rate", "5e-3",
                                                          "--selection_ratio", "0.5"],
     # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
