@@ -54,7 +54,8 @@ def test_planted_salient_matrix_is_found(pool, suffix):
     assert result.selected == [target]
     assert cfg.target_modules == [target]
     assert result.mechanism == {"name": "selection", "noise_multiplier": 1e-6, "sample_rate": 1.0,
-                                "steps": 1, "max_grad_norm": 1e6, "dataset_size": len(data)}
+                                "steps": 1, "max_grad_norm": 1e6, "dataset_size": len(data),
+                                "deterministic_noise": cfg.deterministic_noise}
     assert set(result.scores) == set(find_candidates(unet, pool))
 
 
