@@ -612,3 +612,7 @@ class SpendingLedger:
     def stages(self) -> list[Stage]:
         """All recorded stages, oldest first."""
         return list(self._stages)
+
+    def steps_of(self, stage_name: str) -> int:
+        """How many applications of the mechanism `stage_name` are recorded (e.g. DP-SGD steps)."""
+        return sum(stage.steps for stage in self._stages if stage.name == stage_name)

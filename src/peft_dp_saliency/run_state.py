@@ -171,15 +171,15 @@ class RunState:
                                  f"{self.work_dir}); pass 'latest' or one of {[str(p) for p in self.checkpoints()]}")
         if path is None:
             return 0
+        saved = torch.load(path / "training_state.pt", weights_only=False)
+        recorded = self.ledger.steps_of(DP_SGD) if self.ledger is not None else None
+        if recorded is not None and recorded < int(saved["step"]):  # checked before any weight is touched
+            raise SystemExit(f"{path} is at step {saved['step']} but this run's ledger records only {recorded} "
+                             "DP-SGD steps: its steps were not accounted here, so it cannot be resumed from")
         trainable = load_file(str(path / "trainable.safetensors"))
         params = dict(model.named_parameters())
         for name, value in trainable.items():
             params[name].data.copy_(value)
-        saved = torch.load(path / "training_state.pt", weights_only=False)
-        recorded = sum(stage.steps for stage in self.ledger.stages() if stage.name == DP_SGD) if self.ledger else None
-        if recorded is not None and recorded < int(saved["step"]):
-            raise SystemExit(f"{path} is at step {saved['step']} but this run's ledger records only {recorded} "
-                             "DP-SGD steps: its steps were not accounted here, so it cannot be resumed from")
         optimizer.load_state_dict(saved["optimizer"])
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if ema is not None:

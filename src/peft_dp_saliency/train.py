@@ -683,8 +683,7 @@ def tracker_config(args) -> dict:
 
 def build_report(plan: dict, state: RunState, class_names_source: str):
     """The privacy report from the plan and the ledger only (never from the current flags)."""
-    stages = state.ledger.stages()
-    recorded = sum(stage.steps for stage in stages if stage.name == accounting.DP_SGD)
+    stages, recorded = state.ledger.stages(), state.ledger.steps_of(accounting.DP_SGD)
     return accounting.PrivacyReport.build(
         stages, dataset_size=plan["dataset_size"], delta=plan["delta"], target_epsilon=plan["target_epsilon"],
         accountant=plan["accountant"], deterministic_noise=plan["deterministic_noise"],
