@@ -57,6 +57,7 @@ SEEDS = ("0", "1", "2")
 EPSILONS = ("10", "1")
 CURVE_EPSILONS = ("2", "5")  # one seed of the two main methods, for the accuracy-vs-epsilon plot
 MORE_DATA = ["--max_train_samples", "50000", "--expected_batch_size", "512", "--max_train_steps", "200"]
+LR_5E3 = ["--learning_rate", "5e-3"]
 METHODS = {
     "DP-SAPF (ratio 0.3)": [],
     "DP-LoRA (q/k/v)": ["--selection_strategy", "all"],
@@ -82,6 +83,11 @@ METHODS = {
     # the main job's shape (batch 512 x 200) on 5x the data: the ablation's best row on the validation split
     "DP-SAPF (ratio 0.3), N = 50,000, batch 512 x 200": MORE_DATA,
     "DP-LoRA (q/k/v), N = 50,000, batch 512 x 200": ["--selection_strategy", "all", *MORE_DATA],
+    # the same shape at the learning rate the validation ablation chose (5e-3, the library default since), with
+    # DP-SAPF at the ratio that ablation scored level with DP-LoRA (0.5) and at the default ratio (0.3)
+    "DP-SAPF (ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3": [*MORE_DATA, *LR_5E3, "--selection_ratio", "0.5"],
+    "DP-LoRA (q/k/v), N = 50,000, batch 512 x 200, lr 5e-3": ["--selection_strategy", "all", *MORE_DATA, *LR_5E3],
+    "DP-SAPF (ratio 0.3), N = 50,000, batch 512 x 200, lr 5e-3": [*MORE_DATA, *LR_5E3],
 }
 # Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
 # 50,000-59,999, never trained on at N <= 50,000) so that choosing defaults from it never reads the test split.
@@ -494,6 +500,10 @@ def main():
     more_data_pair = tuple(m for m in METHODS if m.endswith("N = 50,000, batch 512 x 200"))
     plan += [(m, "10", METHODS[m], seed) for seed in seeds for m in more_data_pair]
     plan += [(m, "1", METHODS[m], seed) for seed in seeds for m in more_data_pair]
+    # at lr 5e-3: the epsilon-10 pair seed by seed, then epsilon 1, then DP-SAPF at the default ratio 0.3
+    lr_5e3 = tuple(m for m in METHODS if m.endswith("lr 5e-3"))
+    plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in lr_5e3[:2]]
+    plan += [(lr_5e3[2], e, METHODS[lr_5e3[2]], seed) for e in EPSILONS for seed in seeds]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]
@@ -503,7 +513,7 @@ def main():
     plan += [(m, e, METHODS[m], "0") for e in CURVE_EPSILONS for m in main_methods]
     planned_all_linear = {(m, "10") for m in all_linear}
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
-             if m not in (*main_methods, *seed_methods, *more_data_pair) and (m, e) not in planned_all_linear]
+             if m not in (*main_methods, *seed_methods, *more_data_pair, *lr_5e3) and (m, e) not in planned_all_linear]
     run_plan(plan, args)
 
 
