@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,9 @@ def main_table(table: dict, runs: list[dict]) -> str:
 CURVE_METHODS = ("DP-SAPF (ratio 0.3)", "DP-LoRA (q/k/v)")
 # the same pair at the main job's shape on 5x the data (quality.py's seeded N = 50,000 rows)
 MORE_DATA_METHODS = tuple(f"{m}, N = 50,000, batch 512 x 200" for m in CURVE_METHODS)
+# that shape at lr 5e-3 (the validation ablation's choice), DP-SAPF at ratio 0.5 (level with DP-LoRA there)
+LR_5E3_METHODS = ("DP-SAPF (ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3",
+                  "DP-LoRA (q/k/v), N = 50,000, batch 512 x 200, lr 5e-3")
 
 
 def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
@@ -163,7 +167,8 @@ def accuracy_curve(table: dict) -> str:
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
     """Matrices selected per block at each ratio (the paper's Table 7)."""
-    ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF (ratio")), key=lambda m: float(m.split()[-1][:-1]))
+    ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF (ratio")),
+                    key=lambda m: (float(re.match(r"DP-SAPF \(ratio ([0-9.]+)\)", m).group(1)), m))
     chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon
                        and r.get("seed", "0") == "0"), None)
               for m in ratios}
@@ -342,6 +347,10 @@ At N = {SCALE['max_train_samples']:,} (the table's scale):
 At N = 50,000, expected batch 512 x 200 steps (the main job's shape):
 
 {seeded_comparison(runs, *MORE_DATA_METHODS)}
+
+The same shape at lr 5e-3 (chosen on the validation split), DP-SAPF at ratio 0.5 (chosen there too):
+
+{seeded_comparison(runs, *LR_5E3_METHODS)}
 
 ## Does the refined decoder help? (paired, validation split)
 
