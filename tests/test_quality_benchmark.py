@@ -222,3 +222,16 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
+
+
+def test_the_selection_table_orders_every_ratio_row_by_its_ratio():
+    """Rows named "DP-SAPF (ratio r), N = ..., lr ..." are columns too, ordered by r (not by the name's last word)."""
+    import render_results
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"
+    runs = [{"method": m, "epsilon": "10", "seed": "0", "selected": [name]}
+            for m in quality.METHODS if m.startswith("DP-SAPF (ratio")]
+    header = render_results.selection_table(runs, "10").splitlines()[0]
+    ratios = [float(column.split()[1].rstrip(")").rstrip("),")) for column in header.split(" | ")[1:]]
+    assert len(ratios) == len(runs) and ratios == sorted(ratios)
+    assert "(ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3" in header
