@@ -82,6 +82,26 @@ def test_refuses_to_overwrite_another_run(tmp_path):
     assert (work_dir(out) / "ledger.json").read_text() == ledger
 
 
+def test_overwrite_keeps_the_spending_record_of_every_replaced_run(tmp_path):
+    work, out = tmp_path / "run-work", tmp_path / "run"
+    ledgers = []
+    for sigma in (1.0, 2.0):
+        state = RunState(work, out, overwrite=True)
+        state.record_spending("dp_sgd", sigma, 0.5, 1.0)
+        state.plan({"dataset_size": 10}, lambda: {"noise_multiplier": sigma})
+        (out / "pytorch_lora_weights.safetensors").write_bytes(b"adapter")
+        (work / "checkpoint-1").mkdir()
+        ledgers.append((work / "ledger.json").read_text())
+    RunState(work, out, overwrite=True)
+    assert not list(out.iterdir())  # the replaced release and its checkpoints are gone ...
+    assert sorted(p.name for p in work.iterdir()) == ["earlier-runs"]
+    for k, ledger in enumerate(ledgers, start=1):  # ... but what each run spent is not
+        assert (work / "earlier-runs" / f"run-{k}" / "ledger.json").read_text() == ledger
+        assert (work / "earlier-runs" / f"run-{k}" / "plan.json").is_file()
+    RunState(tmp_path / "unspent-work", tmp_path / "unspent", overwrite=True)  # nothing spent: nothing kept
+    assert not (tmp_path / "unspent-work" / "earlier-runs").exists()
+
+
 def test_refuses_a_folder_with_someone_elses_files_and_a_resume_without_run(tmp_path):
     mine = tmp_path / "photos"
     mine.mkdir()

@@ -3,12 +3,15 @@
 Lives next to (never inside) the published output_dir. Spending is recorded before each
 mechanism runs, so a crash never refunds budget; a resumed run reuses the plan (sigma, q, delta)
 and the selection, and continues the ledger. Checkpoints are written to a temporary folder and
-renamed, so a half-written checkpoint is never picked up.
+renamed, so a half-written checkpoint is never picked up. ``--overwrite_output_dir`` deletes the
+replaced run's files but keeps its spending record (ledger and plan) under ``earlier-runs/``: releases
+made from the same data compose, so what they spent must not vanish with their folders.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import shutil
@@ -22,6 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from .accounting import DP_SGD, SpendingLedger, write_json_atomic
 from .selection import SelectionResult
+
+logger = logging.getLogger(__name__)
+
+EARLIER_RUNS = "earlier-runs"  # spending records of the runs an --overwrite_output_dir replaced here
 
 
 class RunState:
@@ -46,7 +53,7 @@ class RunState:
                                  "--overwrite_output_dir to delete and replace the contents, or choose "
                                  "another --output_dir")
             for folder in used:
-                shutil.rmtree(folder)
+                self._delete_keeping_spending(folder)
         if self.resume and not (self.work_dir / "ledger.json").exists():
             raise SystemExit(f"--resume_from_checkpoint: no run to resume in {self.work_dir}")
         for folder in (self.output_dir, self.work_dir):
@@ -59,6 +66,26 @@ class RunState:
                 self.discard_if_unspent()
                 raise SystemExit(f"{folder} is not writable ({error.strerror or error}): choose another "
                                  "folder or fix its permissions") from None
+
+    def _delete_keeping_spending(self, folder: Path) -> None:
+        """Empty `folder`, except the replaced run's ledger.json and plan.json (and those of the runs it
+        replaced), which move to <work_dir>/earlier-runs/run-<k>/ (k = 1 for the oldest)."""
+        earlier = self.work_dir / EARLIER_RUNS
+        if folder == self.work_dir and (folder / "ledger.json").exists():
+            kept = earlier / f"run-{len(list(earlier.glob('run-*'))) + 1}"
+            kept.mkdir(parents=True)
+            for name in ("ledger.json", "plan.json"):
+                if (folder / name).exists():
+                    os.replace(folder / name, kept / name)
+            logger.warning("--overwrite_output_dir: the replaced run's spending record is kept in %s. Releases "
+                           "made from the same data compose: count what it spent toward this data's total.", kept)
+        for entry in folder.iterdir():
+            if entry == earlier:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def spent(self) -> bool:
         """Whether any mechanism has been recorded (by this run or the one it resumes)."""
