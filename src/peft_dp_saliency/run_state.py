@@ -68,11 +68,12 @@ class RunState:
                                  "folder or fix its permissions") from None
 
     def _delete_keeping_spending(self, folder: Path) -> None:
-        """Empty `folder`, except the replaced run's ledger.json and plan.json (and those of the runs it
-        replaced), which move to <work_dir>/earlier-runs/run-<k>/ (k = 1 for the oldest)."""
+        """Empty `folder`, except <work_dir>/earlier-runs/; the replaced run's ledger.json and plan.json move
+        into it as run-<k>/ (k = 1 for the oldest)."""
         earlier = self.work_dir / EARLIER_RUNS
         if folder == self.work_dir and (folder / "ledger.json").exists():
-            kept = earlier / f"run-{len(list(earlier.glob('run-*'))) + 1}"
+            taken = [int(path.name[4:]) for path in earlier.glob("run-*") if path.name[4:].isdigit()]
+            kept = earlier / f"run-{max(taken, default=0) + 1}"  # after the newest, even if older ones were removed
             kept.mkdir(parents=True)
             for name in ("ledger.json", "plan.json"):
                 if (folder / name).exists():
