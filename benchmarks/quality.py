@@ -513,9 +513,9 @@ def main():
     lr_5e3 = tuple(m for m in METHODS if m.endswith("lr 5e-3") and "(all" not in m)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in lr_5e3[:2]]
     plan += [(lr_5e3[2], e, METHODS[lr_5e3[2]], seed) for e in EPSILONS for seed in seeds]
-    # the all-linear pool at that shape: DP-SAPF against the q/k/v pair above, then DP-LoRA on the same pool
+    # the all-linear pool at that shape: DP-SAPF against DP-LoRA on the same pool, seed by seed
     all_linear_5e3 = tuple(m for m in METHODS if m.endswith("lr 5e-3") and "(all" in m)
-    plan += [(m, e, METHODS[m], seed) for m in all_linear_5e3 for e in EPSILONS for seed in seeds]
+    plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in all_linear_5e3]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]
