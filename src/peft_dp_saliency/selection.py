@@ -11,7 +11,6 @@ noisy gradients are post-processed into a mask inside each matrix instead (spars
 from __future__ import annotations
 
 import logging
-import math
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from .dp_sgd import PoissonSampler
 from .noise import noise_generator, sum_and_add_noise_once
 from .per_sample import PerSampleClipper, frozen_weights_tracked
 from .sharding import rank_and_world, shard_indices
-from .sparse import coordinate_scores, decode_masks, encode_masks, random_scores, top_masks
+from .sparse import coordinate_scores, decode_masks, encode_masks, random_scores, top_masks, unit_score
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +169,7 @@ def unit_scores(noisy: dict[str, torch.Tensor], units: dict[str, list[str]], sco
     for unit, members in units.items():
         sq = sum(float(noisy[m].pow(2).sum()) for m in members)
         size = sum(noisy[m].numel() for m in members)
-        out[unit] = math.sqrt(sq) if score == "norm" else sq - size * noise_std**2
+        out[unit] = unit_score(sq, size, score, noise_std)
     return out
 
 

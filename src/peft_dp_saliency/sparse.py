@@ -27,6 +27,17 @@ from .per_sample import MASKED_PARAMETER
 MASK_ENCODING = "numpy.packbits of the row-major unit mask (entry: d_out x d_in, row: d_out), base64"
 
 
+def unit_score(squared_norm, size: int, score: str, noise_std: float):
+    """A unit's saliency from the squared norm of its noisy average gradient (float or tensor of them).
+
+    size: coordinates per unit; noise_std: the query's per-coordinate noise std, sigma_s C / (q N).
+    'norm': the norm (the paper), whose noise term sqrt(size) noise_std grows with the unit's size;
+    'debiased': squared_norm - size noise_std^2, an unbiased estimate of the squared norm of the un-noised
+    average gradient (post-processing of the noisy sums: free in privacy).
+    """
+    return squared_norm ** 0.5 if score == "norm" else squared_norm - size * noise_std**2
+
+
 def coordinate_scores(noisy: dict[str, torch.Tensor], unit: str, score: str,
                       noise_std: float) -> dict[str, torch.Tensor]:
     """Score per unit inside each matrix: entry -> (d_out, d_in), row -> (d_out,); float32.
@@ -38,7 +49,7 @@ def coordinate_scores(noisy: dict[str, torch.Tensor], unit: str, score: str,
     for name, grad in noisy.items():
         sq = grad.float().pow(2) if unit == "entry" else grad.float().pow(2).sum(1)
         size = 1 if unit == "entry" else grad.shape[1]
-        out[name] = sq.sqrt() if score == "norm" else sq - size * noise_std**2
+        out[name] = unit_score(sq, size, score, noise_std)
     return out
 
 
