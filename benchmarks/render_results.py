@@ -168,7 +168,7 @@ def accuracy_curve(table: dict) -> str:
 def selection_table(runs: list[dict], epsilon: str) -> str:
     """Matrices selected per block at each ratio (the paper's Table 7)."""
     ratios = sorted((m for m in METHODS if m.startswith("DP-SAPF (ratio")),
-                    key=lambda m: (float(re.match(r"DP-SAPF \(ratio ([0-9.]+)\)", m).group(1)), m))
+                    key=lambda m: (float(re.match(r"DP-SAPF \(ratio ([0-9.]+)[,)]", m).group(1)), m))
     chosen = {m: next((r["selected"] for r in runs if r["method"] == m and r["epsilon"] == epsilon
                        and r.get("seed", "0") == "0"), None)
               for m in ratios}
