@@ -148,7 +148,7 @@ ABLATION = {
     # it selected feed-forward and time-embedding matrices and beat both q/k/v rows in FID (seed 0)
     "main job's shape + learning rate 5e-3, all-linear pool": [*MORE_DATA, "--learning_rate", "5e-3", *ALL_LINEAR],
     # the debiased score (||noisy||^2 - d (sigma_s C / (q N))^2) in place of the norm, whose noise term favours large
-    # matrices: on the test-split epsilon-10 runs' paid queries the norm's picks overlapped the debiased top-k in 10 of 13
+    # matrices: on the epsilon-10 test runs' paid queries the norm's picks overlapped the debiased top-k in 10 of 13
     "main job's shape + learning rate 5e-3, debiased score": [*MORE_DATA, "--learning_rate", "5e-3",
                                                               "--saliency_score", "debiased"],
     # the adapters see only class prompts, so guidance extrapolates from the public model's unconditional
