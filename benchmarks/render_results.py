@@ -92,6 +92,9 @@ MORE_DATA_METHODS = tuple(f"{m}, N = 50,000, batch 512 x 200" for m in CURVE_MET
 # that shape at lr 5e-3 (the validation ablation's choice), DP-SAPF at ratio 0.5 (level with DP-LoRA there)
 LR_5E3_METHODS = ("DP-SAPF (ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3",
                   "DP-LoRA (q/k/v), N = 50,000, batch 512 x 200, lr 5e-3")
+# that shape and lr with the query over every nn.Linear (the paper's "All Param." pool), against LoRA on all of them
+ALL_LINEAR_5E3_METHODS = ("DP-SAPF (all-linear pool), N = 50,000, batch 512 x 200, lr 5e-3",
+                          "DP-LoRA (all linear layers), N = 50,000, batch 512 x 200, lr 5e-3")
 
 
 def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
@@ -351,6 +354,11 @@ At N = 50,000, expected batch 512 x 200 steps (the main job's shape):
 The same shape at lr 5e-3 (chosen on the validation split), DP-SAPF at ratio 0.5 (chosen there too):
 
 {seeded_comparison(runs, *LR_5E3_METHODS)}
+
+The same shape and lr over every nn.Linear of the UNet (DP-SAPF's query picks from all of them at ratio 0.3; DP-LoRA
+trains LoRA on every one):
+
+{seeded_comparison(runs, *ALL_LINEAR_5E3_METHODS)}
 
 ## Does the refined decoder help? (paired, validation split)
 
