@@ -12,8 +12,8 @@ OUT=${OUT:-outputs/dp-sapf-fashion-mnist}
 # adapter of the guidance comparison (validation split, docs/results.md); big public models want their usual 4-7.5.
 # samples.png on the card is drawn at the same scale.
 GUIDANCE_SCALE=${GUIDANCE_SCALE:-1}
-# the query over every nn.Linear of the embedded UNet (83 matrices) instead of the library's q/k/v default: chosen on the
-# validation split (65.8% against 59.8%, docs/results.md's ablation); on big models that query costs far more memory
+# the query over every nn.Linear of the embedded UNet (83 matrices) instead of the library's q/k/v default: chosen on
+# the validation split (65.8% against 59.8%, docs/results.md's ablation); on big models that query costs far more memory
 if [ ! -f "$OUT/privacy_report.json" ]; then
   # an interrupted run is resumed (its spent budget stays counted), never silently restarted
   if [ -f "$OUT-work/ledger.json" ]; then continue_flag="--resume_from_checkpoint latest"; else continue_flag=""; fi
