@@ -95,6 +95,9 @@ LR_5E3_METHODS = ("DP-SAPF (ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3",
 # that shape and lr with the query over every nn.Linear (the paper's "All Param." pool), against LoRA on all of them
 ALL_LINEAR_5E3_METHODS = ("DP-SAPF (all-linear pool), N = 50,000, batch 512 x 200, lr 5e-3",
                           "DP-LoRA (all linear layers), N = 50,000, batch 512 x 200, lr 5e-3")
+# DP-SAPF there with the debiased score, against the same DP-LoRA
+DEBIASED_ALL_LINEAR_5E3_METHODS = ("DP-SAPF (all-linear pool, debiased score), N = 50,000, batch 512 x 200, lr 5e-3",
+                                   ALL_LINEAR_5E3_METHODS[1])
 
 
 def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
@@ -359,6 +362,11 @@ The same shape and lr over every nn.Linear of the UNet (DP-SAPF's query picks fr
 trains LoRA on every one):
 
 {seeded_comparison(runs, *ALL_LINEAR_5E3_METHODS)}
+
+The same pair with DP-SAPF's query scored by the debiased squared norm (||noisy||^2 minus its expected noise part) in
+place of the norm, whose noise term grows with a matrix's size (benchmarks/selection_snr.py):
+
+{seeded_comparison(runs, *DEBIASED_ALL_LINEAR_5E3_METHODS)}
 
 ## Does the refined decoder help? (paired, validation split)
 

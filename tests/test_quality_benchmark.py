@@ -219,7 +219,7 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         patch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "1", "2"])
         quality.main()
     for pair in (render_results.CURVE_METHODS, render_results.MORE_DATA_METHODS, render_results.LR_5E3_METHODS,
-                 render_results.ALL_LINEAR_5E3_METHODS):
+                 render_results.ALL_LINEAR_5E3_METHODS, render_results.DEBIASED_ALL_LINEAR_5E3_METHODS):
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
@@ -236,3 +236,14 @@ def test_the_selection_table_orders_every_ratio_row_by_its_ratio():
     ratios = [float(column.split()[1].rstrip(")").rstrip("),")) for column in header.split(" | ")[1:]]
     assert len(ratios) == len(runs) and ratios == sorted(ratios)
     assert "(ratio 0.5), N = 50,000, batch 512 x 200, lr 5e-3" in header
+
+
+def test_only_and_epsilons_select_which_planned_runs_start(monkeypatch, capsys):
+    """`--only A --epsilons 1` runs the items whose method contains A at epsilon 1 and nothing else."""
+    started = []
+    monkeypatch.setattr(quality, "run_one", lambda *item: started.append(item[:2]) or "result.json")
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--only", "(all linear layers), N = 50,000", "--seeds", "1",
+                                      "--epsilons", "1"])
+    quality.main()
+    assert started == [("DP-LoRA (all linear layers), N = 50,000, batch 512 x 200, lr 5e-3", "1")]
+    assert "done: DP-LoRA (all linear layers), N = 50,000" in capsys.readouterr().out
