@@ -246,6 +246,24 @@ def test_resume_with_other_data_or_flags_is_refused_before_spending(tmp_path, ch
     assert ledger_steps(out) == before
 
 
+@pytest.mark.parametrize("changed, message", [
+    (["--candidate_pool", "attn_qkvo"], "--candidate_pool 'attn_qkv' \\(this command: 'attn_qkvo'\\)"),
+    (["--saliency_score", "debiased"], "--saliency_score 'norm' \\(this command: 'debiased'\\)")])
+def test_a_resume_with_other_selection_flags_is_refused_before_spending(tmp_path, changed, message):
+    """The resumed run keeps its paid selection: flags naming another pool or score would be printed on the card
+    over the matrices actually trained."""
+    out = tmp_path / "run"
+    from test_resume import Crash, crash_on_call
+    with pytest.MonkeyPatch.context() as patch:
+        crash_on_call(patch, dp_sgd.DPSGDStep, "__call__", 2)
+        with pytest.raises(Crash):
+            run(out, "--max_train_steps", 3, samples=16, batch=8)
+    before = ledger_steps(out)
+    with pytest.raises(SystemExit, match=message):
+        run(out, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", *changed, samples=16, batch=8)
+    assert ledger_steps(out) == before
+
+
 def test_a_resume_cannot_drop_deterministic_noise_and_the_report_keeps_it(tmp_path):
     """Steps already run with seeded noise stay seeded: resuming them without the flag would call them private."""
     from test_resume import Crash, crash_on_call

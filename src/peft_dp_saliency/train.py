@@ -221,7 +221,8 @@ def adopt_paid_selection(args, n: int) -> SelectionResult:
     mechanism = paid.mechanism
     mismatched = [f"{what}: query {theirs!r}, run {ours!r}" for what, theirs, ours in (
         ("dataset size", mechanism["dataset_size"], n), ("--candidate_pool", paid.pool, args.candidate_pool),
-        ("--selection_unit", paid.unit, args.selection_unit)) if theirs != ours]
+        ("--selection_unit", paid.unit, args.selection_unit), ("--saliency_score", paid.score, args.saliency_score))
+        if theirs != ours]
     if mismatched or args.selection_strategy != "saliency":
         raise SystemExit(f"--selection_json {args.selection_json} does not fit this run ("
                          + "; ".join(mismatched or ["--selection_strategy must be saliency"]) + ")")
@@ -229,6 +230,25 @@ def adopt_paid_selection(args, n: int) -> SelectionResult:
     args.selection_max_grad_norm = float(mechanism["max_grad_norm"])
     args.selection_sample_rate = float(mechanism["sample_rate"])
     return paid
+
+
+def check_resumed_selection(selection: SelectionResult | None, args) -> None:
+    """A resumed run keeps the selection it made (and may have paid for): refuse selection flags that describe
+    another one, which the card, report and selection.json would otherwise print over the matrices trained."""
+    if selection is None:
+        return
+    flags = [("--selection_strategy", selection.strategy, args.selection_strategy),
+             ("--candidate_pool", selection.pool, args.candidate_pool),
+             ("--selection_unit", selection.unit, args.selection_unit)]
+    if selection.strategy != "all":  # DP-LoRA takes every candidate whatever the ratio
+        flags.append(("--selection_ratio", selection.ratio, args.selection_ratio))
+    if selection.strategy == "saliency":
+        flags.append(("--saliency_score", selection.score, args.saliency_score))
+    mismatched = [f"{flag} {was!r} (this command: {now!r})" for flag, was, now in flags if was != now]
+    if mismatched:
+        raise SystemExit("--resume_from_checkpoint: this run selected its matrices with " + "; ".join(mismatched)
+                         + ". Resume with those flags, or start a fresh --output_dir (what this run spent stays "
+                         "in its report)")
 
 
 def calibrate_plan(inputs: dict) -> dict:
@@ -461,6 +481,7 @@ def train(args, accelerator: Accelerator, state: RunState, output_dir: Path, fam
                              "spent: fix the token (`hf auth login`) or --hub_model_id and rerun") from error
     inputs = plan_inputs(args, dataset)
     plan = broadcast_object_list([state.plan(inputs, lambda: calibrate_plan(inputs))])[0]
+    check_resumed_selection(state.selection(), args)
     logger.info("N=%d q=%.4g sigma=%.4g delta=%.3g over %d steps", plan["dataset_size"], plan["sample_rate"],
                 plan["noise_multiplier"], plan["delta"], plan["max_train_steps"])
 
