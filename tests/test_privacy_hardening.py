@@ -228,30 +228,16 @@ def test_wandb_with_a_hub_token_is_refused():
 
 # 5. A resume must be the same run; the budget is never exceeded silently ---------------------------
 
-@pytest.mark.parametrize("changed, field", [
-    (["--max_train_samples", "20"], "dataset_size"),
-    (["--max_train_steps", "1"], "max_train_steps"),
-    (["--max_grad_norm", "0.5"], "max_grad_norm"),
-    (["--accountant", "rdp"], "accountant")])
-def test_resume_with_other_data_or_flags_is_refused_before_spending(tmp_path, changed, field):
-    out = tmp_path / "run"
-    from test_resume import Crash, crash_on_call
-    with pytest.MonkeyPatch.context() as patch:
-        crash_on_call(patch, dp_sgd.DPSGDStep, "__call__", 2)
-        with pytest.raises(Crash):
-            run(out, "--max_train_steps", 3, samples=16, batch=8)
-    before = ledger_steps(out)
-    with pytest.raises(SystemExit, match=f"different run.*{field}: was"):
-        run(out, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", *changed, samples=16, batch=8)
-    assert ledger_steps(out) == before
-
-
 @pytest.mark.parametrize("changed, message", [
+    (["--max_train_samples", "20"], "different run.*dataset_size: was"),
+    (["--max_train_steps", "1"], "different run.*max_train_steps: was"),
+    (["--max_grad_norm", "0.5"], "different run.*max_grad_norm: was"),
+    (["--accountant", "rdp"], "different run.*accountant: was"),
+    # the resumed run keeps its paid selection: flags naming another pool or score would be printed on the card
+    # over the matrices actually trained
     (["--candidate_pool", "attn_qkvo"], "--candidate_pool 'attn_qkv' \\(this command: 'attn_qkvo'\\)"),
     (["--saliency_score", "debiased"], "--saliency_score 'norm' \\(this command: 'debiased'\\)")])
-def test_a_resume_with_other_selection_flags_is_refused_before_spending(tmp_path, changed, message):
-    """The resumed run keeps its paid selection: flags naming another pool or score would be printed on the card
-    over the matrices actually trained."""
+def test_resume_with_other_data_or_flags_is_refused_before_spending(tmp_path, changed, message):
     out = tmp_path / "run"
     from test_resume import Crash, crash_on_call
     with pytest.MonkeyPatch.context() as patch:
