@@ -245,6 +245,17 @@ def test_a_paid_selection_is_reused_and_counted(pushed_run, tmp_path, monkeypatc
     assert report.guarantee_epsilon <= 8.0
 
 
+def test_a_paid_selection_with_another_score_is_refused_before_spending(pushed_run, tmp_path):
+    """Its noisy scores were ranked by the query's score: a run naming another would misdescribe the selection."""
+    out, _ = pushed_run
+    script = training_script()
+    reused = tmp_path / "reused"
+    with pytest.raises(SystemExit, match="--saliency_score: query 'norm', run 'debiased'"):
+        script.main(TINY + ["--output_dir", str(reused), "--selection_json", str(out / "selection.json"),
+                            "--saliency_score", "debiased", "--target_epsilon", "8"])
+    assert not (reused / "privacy_report.json").exists()
+
+
 def test_fit_from_python_gives_the_same_artefacts_as_the_command(tmp_path, pushed_run):
     from peft_dp_saliency.train import fit
 
