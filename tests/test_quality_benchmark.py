@@ -242,8 +242,8 @@ def test_only_and_epsilons_select_which_planned_runs_start(monkeypatch, capsys):
     """`--only A --epsilons 1` runs the items whose method contains A at epsilon 1 and nothing else."""
     started = []
     monkeypatch.setattr(quality, "run_one", lambda *item: started.append(item[:2]) or "result.json")
-    monkeypatch.setattr(sys, "argv", ["quality.py", "--only", "(all linear layers), N = 50,000", "--seeds", "1",
-                                      "--epsilons", "1"])
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--only", "(all linear layers), N = 50,000, batch 512 x 200",
+                                      "--seeds", "1", "--epsilons", "1"])
     quality.main()
     assert started == [("DP-LoRA (all linear layers), N = 50,000, batch 512 x 200, lr 5e-3", "1")]
     assert "done: DP-LoRA (all linear layers), N = 50,000" in capsys.readouterr().out
