@@ -219,7 +219,8 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         patch.setattr(sys, "argv", ["quality.py", "--seeds", "0", "1", "2"])
         quality.main()
     for pair in (render_results.CURVE_METHODS, render_results.MORE_DATA_METHODS, render_results.LR_5E3_METHODS,
-                 render_results.ALL_LINEAR_5E3_METHODS, render_results.DEBIASED_ALL_LINEAR_5E3_METHODS):
+                 render_results.ALL_LINEAR_5E3_METHODS, render_results.DEBIASED_ALL_LINEAR_5E3_METHODS,
+                 render_results.STEPS_400_METHODS):
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
