@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -298,10 +299,14 @@ def side_by_side_samples(runs: list[dict], epsilon: str) -> str:
     if not grids:
         return ""
     width, height = max(g.width for _, g in grids), max(g.height for _, g in grids)
-    sheet = Image.new("RGB", (len(grids) * (width + 8), height + 24), "white")
-    for index, (method, grid) in enumerate(grids):
-        sheet.paste(grid, (index * (width + 8), 24))
-        ImageDraw.Draw(sheet).text((index * (width + 8) + 2, 4), method[:40], fill="black")
+    # the whole method name, wrapped to the grid's width (PIL's default font: ~6 px a character, 12 px a line), so
+    # rows that differ only at the end of their names (200 against 400 steps) stay apart
+    titles = [textwrap.wrap(method, max(8, width // 6)) for method, _ in grids]
+    header = 12 * max(len(lines) for lines in titles) + 6
+    sheet = Image.new("RGB", (len(grids) * (width + 8), height + header), "white")
+    for index, ((_, grid), lines) in enumerate(zip(grids, titles)):
+        sheet.paste(grid, (index * (width + 8), header))
+        ImageDraw.Draw(sheet).multiline_text((index * (width + 8) + 2, 3), "\n".join(lines), fill="black", spacing=2)
     name = f"samples_eps{epsilon}.png"
     sheet.save(RESULTS / name)
     return f"![samples at epsilon {epsilon}, one grid per method (rows = classes)](results/{name})"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peft_dp_saliency.candidates import find_candidates
+from peft_dp_saliency.candidates import block_order, find_candidates
 from peft_dp_saliency.config import SaliencyLoraConfig
 from peft_dp_saliency.selection import _noisy_average_gradients, number_selected, select_target_modules
 from tiny_models import tiny_encoded_data, tiny_scheduler, tiny_unet
@@ -126,3 +126,12 @@ def test_a_standalone_query_is_recorded_in_the_ledger_each_time(tmp_path):
     assert [(s.name, s.noise_multiplier, s.steps) for s in ledger.stages()] == [("selection", 3.0, 2)]
     select_target_modules(unet, tiny_scheduler(), None, SaliencyLoraConfig(selection_strategy="all"), ledger=ledger)
     assert ledger.stages()[0].steps == 2  # strategy 'all' reads no data and costs nothing
+
+
+def test_block_labels_sort_input_to_output_and_the_same_way_whatever_the_order_they_arrive_in():
+    """Labels of equal rank (conv_in, time_embedding, conv_out) once sorted in a set's order: the rendered tables
+    and reports changed between identical runs."""
+    labels = ["U1", "conv_out", "D0", "time_embedding", "Mid", "conv_in", "D2", "U0"]
+    expected = ["D0", "D2", "Mid", "U0", "U1", "conv_in", "conv_out", "time_embedding"]
+    assert sorted(labels, key=block_order) == expected
+    assert sorted(reversed(labels), key=block_order) == expected

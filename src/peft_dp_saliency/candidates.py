@@ -110,8 +110,9 @@ def matrix_label(name: str) -> str:
     return ".".join(name.split(".")[-2:])
 
 
-def block_order(label: str) -> tuple[int, int]:
-    """Sort key for block labels: down blocks, mid block, up blocks (input to output)."""
+def block_order(label: str) -> tuple[int, int, str]:
+    """Sort key for block labels: down blocks, mid block, up blocks (input to output); labels of the same rank and
+    number (conv_in, time_embedding, conv_out, ...) by name, so that the order never depends on a set's order."""
     rank = {"D": 0, "M": 1, "U": 2, "S": 4}.get(label[0], 3)
     digits = "".join(ch for ch in label if ch.isdigit())
-    return rank, int(digits) if digits else 0
+    return rank, int(digits) if digits else 0, label
