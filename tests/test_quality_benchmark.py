@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -248,3 +249,22 @@ def test_only_and_epsilons_select_which_planned_runs_start(monkeypatch, capsys):
     quality.main()
     assert started == [("DP-LoRA (all linear layers), N = 50,000, batch 512 x 200, lr 5e-3", "1")]
     assert "done: DP-LoRA (all linear layers), N = 50,000" in capsys.readouterr().out
+
+
+def test_the_side_by_side_grid_titles_each_run_by_its_whole_name(tmp_path, monkeypatch):
+    """Two rows that differ only after the 40th character (200 against 400 steps) once got the same cut title."""
+    import render_results
+    from PIL import Image
+
+    monkeypatch.setattr(render_results, "SAMPLES", tmp_path)
+    monkeypatch.setattr(render_results, "RESULTS", tmp_path)
+    methods = [f"DP-SAPF (all-linear pool), N = 50,000, batch 512 x {steps}, lr 5e-3" for steps in (200, 400)]
+    for method in methods:
+        Image.new("RGB", (130, 100), "black").save(tmp_path / f"{quality.slug(method, '10', '0')}.png")
+    render_results.side_by_side_samples([{"method": m, "epsilon": "10", "seed": "0"} for m in methods], "10")
+    sheet = np.asarray(Image.open(tmp_path / "samples_eps10.png").convert("L"))
+    header = sheet.shape[0] - 100
+    lines = [row for row in range(header) if (sheet[row, :130] < 128).any()]
+    assert header > 24 and max(lines) > 24  # more than the one 12-px line the 40-character title needed
+    titles = [sheet[:header, :130], sheet[:header, 138:268]]
+    assert not np.array_equal(*titles)  # the names' ends (200, 400) are drawn
