@@ -198,6 +198,10 @@ CEILING = {
     "Fine-tuning w/o DP (all linear layers, no LoRA, lr 2e-4)": ["--selection_strategy", "all", "--candidate_pool",
                                                                  "all_linear", "--no_lora", "--learning_rate", "2e-4"],
 }
+# The 400-step all-linear pair's epsilon-inf point (the accuracy-vs-epsilon plot at that setting): the same LoRA,
+# data, steps and learning rate as its DP-LoRA row, trained without DP, so the gap to it is what DP costs there
+NON_PRIVATE_400 = ("LoRA w/o DP (all linear layers), N = 50,000, batch 512 x 400, lr 5e-3",
+                   METHODS["DP-LoRA (all linear layers), N = 50,000, batch 512 x 400, lr 5e-3"])
 PUBLIC = "Public model (no fine-tuning)"
 # Calibration rows: the same classifier and FID on real Fashion-MNIST training images instead of synthetic ones
 # (images per class; None = all 60,000), epsilon "real" (no privacy at all).
@@ -554,6 +558,9 @@ def main():
     # the all-linear pair trained 400 steps, seed by seed, epsilon 10 first
     steps_400 = tuple(m for m in METHODS if "batch 512 x 400" in m)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in steps_400]
+    # its accuracy-vs-epsilon curve: one seed at epsilon 5 and 2, and its non-private point
+    plan += [(m, e, METHODS[m], "0") for e in reversed(CURVE_EPSILONS) for m in steps_400]
+    plan += [(NON_PRIVATE_400[0], "inf", NON_PRIVATE_400[1], "0")]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]

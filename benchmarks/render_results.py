@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, GUIDANCE_COMPARISON,
                      GUIDANCE_SCALES, METHODS,
-                     NON_PRIVATE, PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+                     NON_PRIVATE, NON_PRIVATE_400, PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
@@ -76,7 +76,7 @@ def main_table(table: dict, runs: list[dict]) -> str:
         for eps in EPSILONS:
             cells.append(cell(table.get(method, {}).get(eps)))
         rows.append(f"| {method} | {trainable_parameters(runs, method)} | " + " | ".join(cells) + " |")
-    for name in (NON_PRIVATE[0], *CEILING):
+    for name in (NON_PRIVATE[0], *CEILING, NON_PRIVATE_400[0]):
         rows.append(f"| {name} | {trainable_parameters(runs, name, ('inf',))} | "
                     + " | ".join([cell(table.get(name, {}).get("inf"))] * len(EPSILONS)) + " (no DP) |")
     rows.append(f"| {PUBLIC} | 0 | " + " | ".join([cell(table.get(PUBLIC, {}).get("inf"))] * len(EPSILONS))
@@ -126,9 +126,11 @@ def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: s
     return "\n".join(rows)
 
 
-def accuracy_curve(table: dict) -> str:
-    """docs/results/accuracy_vs_epsilon.png: downstream accuracy (mean, +- std bars where seeded) of DP-SAPF and
-    DP-LoRA at each epsilon run, 'inf' = LoRA without DP, the public model as a dashed line.
+def accuracy_curve(table: dict, methods: tuple[str, str] = CURVE_METHODS, non_private: str = NON_PRIVATE[0],
+                   file_name: str = "accuracy_vs_epsilon.png") -> str:
+    """docs/results/<file_name>: downstream accuracy (mean, +- std bars where seeded) of the pair `methods`
+    (DP-SAPF, DP-LoRA) at each epsilon run, 'inf' = `non_private` (LoRA without DP), the public model as a dashed
+    line. Epsilons not run are left out of the pair's line.
 
     Drawn with PIL: matplotlib is not a dependency of the project and two polylines do not justify one."""
     from PIL import Image, ImageDraw
@@ -137,7 +139,7 @@ def accuracy_curve(table: dict) -> str:
     width, height, left, bottom, top = 640, 400, 60, 50, 20
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    accs = [r["acc"] for m in (*CURVE_METHODS, NON_PRIVATE[0], PUBLIC) for r in table.get(m, {}).values()]
+    accs = [r["acc"] for m in (*methods, non_private, PUBLIC) for r in table.get(m, {}).values()]
     if not accs:
         return ""
     low, high = max(0.0, min(accs) - 0.1), min(1.0, max(accs) + 0.1)
@@ -154,10 +156,10 @@ def accuracy_curve(table: dict) -> str:
         for x in range(left, width - 10, 12):
             draw.line([(x, y_of(public["acc"])), (x + 6, y_of(public["acc"]))], fill="gray")
         draw.text((left + 4, y_of(public["acc"]) + 2), "public model", fill="gray")
-    for method, colour, shift in zip(CURVE_METHODS, ("blue", "red"), (-4, 4)):
+    for method, colour, shift in zip(methods, ("blue", "red"), (-4, 4)):
         points = []
         for e in epsilons:
-            r = table.get(NON_PRIVATE[0] if e == "inf" else method, {}).get(e)
+            r = table.get(non_private if e == "inf" else method, {}).get(e)
             if r is None:
                 continue
             x, y = x_of[e] + shift, y_of(r["acc"])
@@ -167,11 +169,11 @@ def accuracy_curve(table: dict) -> str:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
-        draw.text((width - 200, top + 16 * CURVE_METHODS.index(method)), method, fill=colour)
+        draw.text((width - 200, top + 16 * methods.index(method)), method.split(",")[0], fill=colour)
     draw.text((left, height - 18), "downstream accuracy (ResNet-8 on synthetic, tested on real); "
                                    "inf = LoRA without DP", fill="black")
-    image.save(RESULTS / "accuracy_vs_epsilon.png")
-    return "![accuracy vs epsilon](results/accuracy_vs_epsilon.png)"
+    image.save(RESULTS / file_name)
+    return f"![accuracy vs epsilon](results/{file_name})"
 
 
 def selection_table(runs: list[dict], epsilon: str) -> str:
@@ -403,7 +405,15 @@ like the decoder comparison on the validation split, so the choice never reads t
 
 ## Accuracy vs epsilon (DP-SAPF and DP-LoRA; bars: +- 1 std over seeds where seeded)
 
+The q/k/v pair at the table's scale (N = {SCALE['max_train_samples']:,}, {SCALE['max_train_steps']} steps of
+{SCALE['expected_batch_size']}, lr {SCALE['learning_rate']:g}; inf = {NON_PRIVATE[0]}):
+
 {accuracy_curve(table)}
+
+The all-linear pair at N = 50,000, 400 steps of 512, lr 5e-3, the best private setting (inf = {NON_PRIVATE_400[0]};
+epsilons not run are left out):
+
+{accuracy_curve(table, STEPS_400_METHODS, NON_PRIVATE_400[0], "accuracy_vs_epsilon_400_steps.png")}
 
 ## Samples at epsilon = 10 (seed 0; each grid: one row per class, from the run's samples.png)
 

@@ -20,7 +20,7 @@ from peft_dp_saliency.public_model import EMBEDDED_MODEL_PATH  # noqa: E402
 
 def test_every_run_has_its_own_result_file():
     names = [*quality.METHODS, *quality.ABLATION, *quality.SYNTHESIS_ABLATION, *quality.REAL_CALIBRATION,
-             *quality.CEILING, quality.NON_PRIVATE[0], quality.PUBLIC]
+             *quality.CEILING, quality.NON_PRIVATE[0], quality.NON_PRIVATE_400[0], quality.PUBLIC]
     slugs = {quality.slug(name, epsilon, seed) for name in names for epsilon in ("1", "10") for seed in quality.SEEDS}
     assert len(slugs) == len(names) * 2 * len(quality.SEEDS)
 
@@ -225,6 +225,34 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
+
+
+def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(tmp_path, monkeypatch):
+    """Its epsilon-5 and -2 runs and its non-private point are in the plan, and the second plot draws them."""
+    import render_results
+    from PIL import Image
+
+    planned = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quality, "run_plan", lambda plan, args: planned.extend(plan))
+        patch.setattr(sys, "argv", ["quality.py", "--seeds", "0"])
+        quality.main()
+    for method in render_results.STEPS_400_METHODS:
+        assert {item[1] for item in planned if item[0] == method} == {"10", "1", "5", "2"}
+    assert (quality.NON_PRIVATE_400[0], "inf", quality.NON_PRIVATE_400[1], "0") in planned
+    assert quality.NON_PRIVATE_400[1] == quality.METHODS[render_results.STEPS_400_METHODS[1]]
+
+    monkeypatch.setattr(render_results, "RESULTS", tmp_path)
+    point = lambda acc, std=0.0: {"acc": acc, "acc_std": std}
+    sapf, lora = render_results.STEPS_400_METHODS
+    table = {sapf: {"10": point(0.70, 0.02), "1": point(0.63)}, lora: {"5": point(0.67)},
+             quality.NON_PRIVATE_400[0]: {"inf": point(0.75)}}
+    link = render_results.accuracy_curve(table, render_results.STEPS_400_METHODS, quality.NON_PRIVATE_400[0],
+                                         "curve.png")
+    assert link.endswith("(results/curve.png)")
+    pixels = np.asarray(Image.open(tmp_path / "curve.png").convert("RGB")).reshape(-1, 3)
+    blue, red = ((pixels == colour).all(axis=1).sum() for colour in ([0, 0, 255], [255, 0, 0]))
+    assert blue > 50 and red > 50  # both methods drawn (DP-SAPF's line, DP-LoRA's point and the shared inf point)
 
 
 def test_the_selection_table_orders_every_ratio_row_by_its_ratio():
