@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, GUIDANCE_COMPARISON,
-                     GUIDANCE_SCALES, METHODS,
-                     NON_PRIVATE, NON_PRIVATE_400, PUBLIC, PUBLIC_MODEL_V1_COMMIT, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+                     GUIDANCE_SCALES, METHODS, NON_PRIVATE, NON_PRIVATE_400, PUBLIC, PUBLIC_MODEL_V1_COMMIT,
+                     REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
