@@ -114,6 +114,11 @@ METHODS = {
                                                                           *ALL_LINEAR, *MORE_DATA, *LR_5E3,
                                                                           *STEPS_400],
 }
+# DP-SAPF's 400-step row with its picks drawn at random (data-independent, so the query's share of the budget goes
+# to DP-SGD): whether the saliency query's picks beat as many matrices picked blindly from the same pool
+RANDOM_400 = "Random selection (all-linear pool), N = 50,000, batch 512 x 400, lr 5e-3"
+METHODS[RANDOM_400] = [*METHODS["DP-SAPF (all-linear pool), N = 50,000, batch 512 x 400, lr 5e-3"],
+                       "--selection_strategy", "random"]
 # Issue 12's ablation of DP-SAPF at epsilon 10, scored on the VALIDATION split (Fashion-MNIST train images
 # 50,000-59,999, never trained on at N <= 50,000) so that choosing defaults from it never reads the test split.
 # Later flags override SCALE's (same compute unless the name says otherwise). "defaults" is the table's seed-0
@@ -550,17 +555,18 @@ def main():
     # epsilon 1 first: where the norm score's picks are mostly noise (the pair above is the comparison)
     plan += [(DEBIASED_5E3, e, METHODS[DEBIASED_5E3], seed) for e in reversed(EPSILONS) for seed in seeds]
     # the all-linear pool at that shape: DP-SAPF against DP-LoRA on the same pool, seed by seed
-    all_linear_5e3 = tuple(m for m in METHODS if m.endswith("lr 5e-3") and "(all" in m and m != DEBIASED_ALL_LINEAR_5E3)
+    all_linear_5e3 = tuple(m for m in METHODS if m.endswith("x 200, lr 5e-3") and "(all" in m and m != DEBIASED_ALL_LINEAR_5E3)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in all_linear_5e3]
     # with the debiased score, epsilon 1 first (where the norm's all-linear picks are mostly noise)
     plan += [(DEBIASED_ALL_LINEAR_5E3, e, METHODS[DEBIASED_ALL_LINEAR_5E3], seed) for e in reversed(EPSILONS)
              for seed in seeds]
     # the all-linear pair trained 400 steps, seed by seed, epsilon 10 first
-    steps_400 = tuple(m for m in METHODS if "batch 512 x 400" in m)
+    steps_400 = tuple(m for m in METHODS if "batch 512 x 400" in m and m != RANDOM_400)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in steps_400]
     # its accuracy-vs-epsilon curve: one seed at epsilon 5 and 2, and its non-private point
     plan += [(m, e, METHODS[m], "0") for e in reversed(CURVE_EPSILONS) for m in steps_400]
     plan += [(NON_PRIVATE_400[0], "inf", NON_PRIVATE_400[1], "0")]
+    plan += [(RANDOM_400, "10", METHODS[RANDOM_400], "0")]  # where the query's picks are least noisy
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]
@@ -571,7 +577,7 @@ def main():
     planned_all_linear = {(m, "10") for m in all_linear}
     plan += [(m, e, flags, "0") for e in EPSILONS for m, flags in METHODS.items()
              if m not in (*main_methods, *seed_methods, *more_data_pair, *lr_5e3, DEBIASED_5E3, *all_linear_5e3,
-                            DEBIASED_ALL_LINEAR_5E3, *steps_400) and (m, e) not in planned_all_linear]
+                            DEBIASED_ALL_LINEAR_5E3, *steps_400, RANDOM_400) and (m, e) not in planned_all_linear]
     run_plan(plan, args)
 
 

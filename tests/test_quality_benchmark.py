@@ -228,7 +228,8 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
 
 
 def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(tmp_path, monkeypatch):
-    """Its epsilon-5 and -2 runs and its non-private point are in the plan, and the second plot draws them."""
+    """Its epsilon-5 and -2 runs, its non-private point and its random-selection control are in the plan, and the
+    second plot draws them."""
     import render_results
     from PIL import Image
 
@@ -241,6 +242,10 @@ def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(t
         assert {item[1] for item in planned if item[0] == method} == {"10", "1", "5", "2"}
     assert (quality.NON_PRIVATE_400[0], "inf", quality.NON_PRIVATE_400[1], "0") in planned
     assert quality.NON_PRIVATE_400[1] == quality.METHODS[render_results.STEPS_400_METHODS[1]]
+    # the random-selection control: DP-SAPF's flags with blind picks, at epsilon 10 only, not part of the pair
+    assert [item[1] for item in planned if item[0] == quality.RANDOM_400] == ["10"]
+    assert quality.METHODS[quality.RANDOM_400][:-2] == quality.METHODS[render_results.STEPS_400_METHODS[0]]
+    assert quality.METHODS[quality.RANDOM_400][-2:] == ["--selection_strategy", "random"]
 
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
     point = lambda acc, std=0.0: {"acc": acc, "acc_std": std}
