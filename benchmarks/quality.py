@@ -114,8 +114,8 @@ METHODS = {
                                                                           *ALL_LINEAR, *MORE_DATA, *LR_5E3,
                                                                           *STEPS_400],
 }
-# DP-SAPF's 400-step row with its picks drawn at random (data-independent, so the query's share of the budget goes
-# to DP-SGD): whether the saliency query's picks beat as many matrices picked blindly from the same pool
+# DP-SAPF's 400-step row with its picks drawn at random from --seed (data-independent, so the query's share of the
+# budget goes to DP-SGD): whether the saliency query's picks beat as many matrices picked blindly from the same pool
 RANDOM_400 = "Random selection (all-linear pool), N = 50,000, batch 512 x 400, lr 5e-3"
 METHODS[RANDOM_400] = [*METHODS["DP-SAPF (all-linear pool), N = 50,000, batch 512 x 400, lr 5e-3"],
                        "--selection_strategy", "random"]
@@ -566,7 +566,8 @@ def main():
     # its accuracy-vs-epsilon curve: one seed at epsilon 5 and 2, and its non-private point
     plan += [(m, e, METHODS[m], "0") for e in reversed(CURVE_EPSILONS) for m in steps_400]
     plan += [(NON_PRIVATE_400[0], "inf", NON_PRIVATE_400[1], "0")]
-    plan += [(RANDOM_400, "10", METHODS[RANDOM_400], "0")]  # where the query's picks are least noisy
+    # where the query's picks are least noisy, seed by seed
+    plan += [(RANDOM_400, "10", METHODS[RANDOM_400], seed) for seed in seeds]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, GUIDANCE_COMPARISON,
                      GUIDANCE_SCALES, METHODS, NON_PRIVATE, NON_PRIVATE_400, PUBLIC, PUBLIC_MODEL_V1_COMMIT,
-                     REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+                     RANDOM_400, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
@@ -103,15 +103,16 @@ DEBIASED_ALL_LINEAR_5E3_METHODS = ("DP-SAPF (all-linear pool, debiased score), N
 STEPS_400_METHODS = tuple(m.replace("batch 512 x 200", "batch 512 x 400") for m in ALL_LINEAR_5E3_METHODS)
 
 
-def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1]) -> str:
-    """`first` minus `second` at each epsilon of EPSILONS, per metric: the seeds' values, the difference of the
-    means and Welch's two-sided t-test (scipy; unequal variances), so that "which method wins" is read from the
-    seeds and not from the means. Needs >= 2 seeds of each."""
+def seeded_comparison(runs: list[dict], first: str = CURVE_METHODS[0], second: str = CURVE_METHODS[1],
+                      epsilons: tuple[str, ...] = EPSILONS) -> str:
+    """`first` minus `second` at each of `epsilons`, per metric: the seeds' values, the difference of the means
+    and Welch's two-sided t-test (scipy; unequal variances), so that "which method wins" is read from the seeds
+    and not from the means. Needs >= 2 seeds of each."""
     from scipy.stats import ttest_ind
 
     rows = ["| epsilon | metric | " + f"{first} (per seed) | {second} (per seed) | difference of means | Welch t | df "
             "| two-sided p |", "|---|---|---|---|---|---|---|---|"]
-    for eps in EPSILONS:
+    for eps in epsilons:
         values = {m: sorted(((r.get("seed", "0"), r) for r in runs if (r["method"], r["epsilon"]) == (m, eps)),
                             key=lambda pair: pair[0]) for m in (first, second)}
         for metric, scale, digits in (("acc", 100, 1), ("fid", 1, 2)):
@@ -381,6 +382,11 @@ The all-linear pair trained twice as long (400 steps; DP-SGD sigma 0.516 at epsi
 and 1.04 at 200 steps):
 
 {seeded_comparison(runs, *STEPS_400_METHODS)}
+
+DP-SAPF's 400-step row against the same row with as many matrices picked at random from the same pool (from the
+public --seed, so no query: its share of the budget goes to DP-SGD), at epsilon 10:
+
+{seeded_comparison(runs, STEPS_400_METHODS[0], RANDOM_400, ("10",))}
 
 ## Does the refined decoder help? (paired, validation split)
 

@@ -208,6 +208,8 @@ def test_the_seeded_comparison_is_welch_t_over_the_seeds():
     assert cells[2:4] == ["40.0, 42.0, 41.0", "30.0, 31.0, 29.0"] and cells[4] == "+11.0"
     assert float(cells[5]) > 10 and float(cells[7]) < 0.01  # three tight seeds 11 points apart: decided
     assert all("needs >= 2 seeds" in line for line in table if line.startswith("| 1 |"))  # one seed: undecided
+    only_10 = render_results.seeded_comparison(runs, sapf, lora, ("10",)).splitlines()
+    assert only_10[2:] == [line for line in table if line.startswith("| 10 |")]  # the header's two lines, then 10
 
 
 def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds():
@@ -225,6 +227,7 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
+    assert {item[3] for item in planned if item[:2] == (quality.RANDOM_400, "10")} == {"0", "1", "2"}
 
 
 def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(tmp_path, monkeypatch):
