@@ -555,7 +555,8 @@ def main():
     # epsilon 1 first: where the norm score's picks are mostly noise (the pair above is the comparison)
     plan += [(DEBIASED_5E3, e, METHODS[DEBIASED_5E3], seed) for e in reversed(EPSILONS) for seed in seeds]
     # the all-linear pool at that shape: DP-SAPF against DP-LoRA on the same pool, seed by seed
-    all_linear_5e3 = tuple(m for m in METHODS if m.endswith("x 200, lr 5e-3") and "(all" in m and m != DEBIASED_ALL_LINEAR_5E3)
+    all_linear_5e3 = tuple(m for m in METHODS
+                           if m.endswith("x 200, lr 5e-3") and "(all" in m and m != DEBIASED_ALL_LINEAR_5E3)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in all_linear_5e3]
     # with the debiased score, epsilon 1 first (where the norm's all-linear picks are mostly noise)
     plan += [(DEBIASED_ALL_LINEAR_5E3, e, METHODS[DEBIASED_ALL_LINEAR_5E3], seed) for e in reversed(EPSILONS)
