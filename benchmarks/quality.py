@@ -56,7 +56,7 @@ SCALE = {
 }
 SEEDS = ("0", "1", "2")
 EPSILONS = ("10", "1")
-CURVE_EPSILONS = ("2", "5")  # one seed of the two main methods, for the accuracy-vs-epsilon plot
+CURVE_EPSILONS = ("2", "5")  # the main methods (one seed) and the 400-step pair (seeded), for the curve plot
 MORE_DATA = ["--max_train_samples", "50000", "--expected_batch_size", "512", "--max_train_steps", "200"]
 LR_5E3 = ["--learning_rate", "5e-3"]
 ALL_LINEAR = ["--candidate_pool", "all_linear"]
@@ -564,11 +564,14 @@ def main():
     # the all-linear pair trained 400 steps, seed by seed, epsilon 10 first
     steps_400 = tuple(m for m in METHODS if "batch 512 x 400" in m and m != RANDOM_400)
     plan += [(m, e, METHODS[m], seed) for e in EPSILONS for seed in seeds for m in steps_400]
-    # its accuracy-vs-epsilon curve: one seed at epsilon 5 and 2, and its non-private point
-    plan += [(m, e, METHODS[m], "0") for e in reversed(CURVE_EPSILONS) for m in steps_400]
+    # its accuracy-vs-epsilon curve (epsilon 5 and 2), the first seed, and its non-private point
+    curve_400 = [(m, e, METHODS[m], seed) for seed in seeds for e in reversed(CURVE_EPSILONS) for m in steps_400]
+    plan += curve_400[:2 * len(steps_400)]
     plan += [(NON_PRIVATE_400[0], "inf", NON_PRIVATE_400[1], "0")]
     # where the query's picks are least noisy, seed by seed
     plan += [(RANDOM_400, "10", METHODS[RANDOM_400], seed) for seed in seeds]
+    # the curve's other seeds, so that its pairs at epsilon 5 and 2 can be decided too
+    plan += curve_400[2 * len(steps_400):]
     plan += [(m, "inf", flags, "0") for m, flags in CEILING.items()]
     all_linear = ("DP-SAPF (all-linear pool)", "DP-LoRA (all linear layers)")
     plan += [(m, "10", METHODS[m], "0") for m in all_linear]

@@ -381,7 +381,7 @@ place of the norm, whose noise term grows with a matrix's size (benchmarks/selec
 The all-linear pair trained twice as long (400 steps; DP-SGD sigma 0.516 at epsilon 10 and 1.17 at 1, against 0.483
 and 1.04 at 200 steps):
 
-{seeded_comparison(runs, *STEPS_400_METHODS)}
+{seeded_comparison(runs, *STEPS_400_METHODS, sorted((*EPSILONS, *CURVE_EPSILONS), key=float))}
 
 DP-SAPF's 400-step row against the same row with as many matrices picked at random from the same pool (from the
 public --seed, so no query: its share of the budget goes to DP-SGD), at epsilon 10:

@@ -228,6 +228,13 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
     assert {item[3] for item in planned if item[:2] == (quality.RANDOM_400, "10")} == {"0", "1", "2"}
+    # the 400-step pair's curve budgets are seeded too: seed 0 before the random control, the others after it
+    first_random = next(i for i, item in enumerate(planned) if item[0] == quality.RANDOM_400)
+    for method in render_results.STEPS_400_METHODS:
+        for epsilon in quality.CURVE_EPSILONS:
+            where = {item[3]: i for i, item in enumerate(planned) if item[:2] == (method, epsilon)}
+            assert set(where) == {"0", "1", "2"}
+            assert where["0"] < first_random < min(where["1"], where["2"])
 
 
 def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(tmp_path, monkeypatch):
