@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from quality import (ABLATION, AUTOENCODED, CEILING, CURVE_EPSILONS, DECODER_COMPARISON, EPSILONS, GUIDANCE_COMPARISON,
                      GUIDANCE_SCALES, METHODS, NON_PRIVATE, NON_PRIVATE_400, PUBLIC, PUBLIC_MODEL_V1_COMMIT,
-                     RANDOM_400, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
+                     RANDOM_400, RANDOM_MATCHED_400, REAL_CALIBRATION, RESULTS, SAMPLES, SCALE, SEEDS,
                      SYNTHESIS_ABLATION, check_current, current_public_model, slug)
 
 from peft_dp_saliency.candidates import block_label, block_order, matrix_label
@@ -387,6 +387,12 @@ DP-SAPF's 400-step row against the same row with as many matrices picked at rand
 public --seed, so no query: its share of the budget goes to DP-SGD), at epsilon 10:
 
 {seeded_comparison(runs, STEPS_400_METHODS[0], RANDOM_400, ("10",))}
+
+The same control with 46 of the 83 matrices (`--selection_ratio 0.55`), which hold about as many LoRA parameters as
+the query's 25 picks (47,616, 59,136 and 54,016 in seeds 0-2 against the query's 52,224): as many parameters where
+the control above has as many matrices:
+
+{seeded_comparison(runs, STEPS_400_METHODS[0], RANDOM_MATCHED_400, ("10",))}
 
 ## Does the refined decoder help? (paired, validation split)
 

@@ -227,7 +227,8 @@ def test_every_seeded_pair_the_render_compares_is_a_row_quality_runs_with_seeds(
         for method in pair:
             for epsilon in ("10", "1"):
                 assert {item[3] for item in planned if item[:2] == (method, epsilon)} == {"0", "1", "2"}
-    assert {item[3] for item in planned if item[:2] == (quality.RANDOM_400, "10")} == {"0", "1", "2"}
+    for control in (quality.RANDOM_400, quality.RANDOM_MATCHED_400):
+        assert {item[3] for item in planned if item[:2] == (control, "10")} == {"0", "1", "2"}
     # the 400-step pair's curve budgets are seeded too: seed 0 before the random control, the others after it
     first_random = next(i for i, item in enumerate(planned) if item[0] == quality.RANDOM_400)
     for method in render_results.STEPS_400_METHODS:
@@ -253,9 +254,12 @@ def test_the_400_step_pair_has_its_accuracy_vs_epsilon_curve_planned_and_drawn(t
     assert (quality.NON_PRIVATE_400[0], "inf", quality.NON_PRIVATE_400[1], "0") in planned
     assert quality.NON_PRIVATE_400[1] == quality.METHODS[render_results.STEPS_400_METHODS[1]]
     # the random-selection control: DP-SAPF's flags with blind picks, at epsilon 10 only, not part of the pair
-    assert [item[1] for item in planned if item[0] == quality.RANDOM_400] == ["10"]
+    for control in (quality.RANDOM_400, quality.RANDOM_MATCHED_400):
+        assert [item[1] for item in planned if item[0] == control] == ["10"]
     assert quality.METHODS[quality.RANDOM_400][:-2] == quality.METHODS[render_results.STEPS_400_METHODS[0]]
     assert quality.METHODS[quality.RANDOM_400][-2:] == ["--selection_strategy", "random"]
+    assert quality.METHODS[quality.RANDOM_MATCHED_400] == [*quality.METHODS[quality.RANDOM_400],
+                                                            "--selection_ratio", "0.55"]
 
     monkeypatch.setattr(render_results, "RESULTS", tmp_path)
     point = lambda acc, std=0.0: {"acc": acc, "acc_std": std}
@@ -311,3 +315,25 @@ def test_the_side_by_side_grid_titles_each_run_by_its_whole_name(tmp_path, monke
     assert header > 24 and max(lines) > 24  # more than the one 12-px line the 40-character title needed
     titles = [sheet[:header, :130], sheet[:header, 138:268]]
     assert not np.array_equal(*titles)  # the names' ends (200, 400) are drawn
+
+
+@pytest.mark.parametrize("control, low, high", [("RANDOM_400", 20_000, 35_000), ("RANDOM_MATCHED_400", 47_000, 60_000)])
+def test_the_random_controls_match_the_querys_matrix_count_or_its_parameter_count(control, low, high):
+    """The query's 25 picks at epsilon 10 hold 52,224 LoRA parameters (rank 4); the count control's 25 random picks
+    hold about half that, the size control's 46 about as many, seed by seed (seeds 0-2: public, no data)."""
+    from peft_dp_saliency.config import SaliencyLoraConfig
+    from peft_dp_saliency.public_model.architecture import build_unet
+    from peft_dp_saliency.selection import select_target_modules
+
+    flags = quality.METHODS[getattr(quality, control)]
+    ratios = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--selection_ratio"]
+    ratio = float(ratios[-1]) if ratios else SaliencyLoraConfig().selection_ratio  # the last flag wins
+    unet = build_unet()
+    modules = dict(unet.named_modules())
+    for seed in (0, 1, 2):
+        config = SaliencyLoraConfig(candidate_pool="all_linear", selection_strategy="random", selection_ratio=ratio,
+                                    selection_seed=seed)
+        picked = select_target_modules(unet, None, None, config, show_progress=False).selected
+        assert len(picked) == round(ratio * 83)  # of the embedded UNet's 83 Linear matrices
+        lora_parameters = sum(quality.SCALE["rank"] * sum(modules[name].weight.shape) for name in picked)
+        assert low <= lora_parameters <= high, (seed, lora_parameters)
