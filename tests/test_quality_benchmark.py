@@ -317,7 +317,8 @@ def test_the_side_by_side_grid_titles_each_run_by_its_whole_name(tmp_path, monke
     assert not np.array_equal(*titles)  # the names' ends (200, 400) are drawn
 
 
-@pytest.mark.parametrize("control, low, high", [("RANDOM_400", 20_000, 35_000), ("RANDOM_MATCHED_400", 47_000, 60_000)])
+@pytest.mark.parametrize("control, low, high",
+                         [("RANDOM_400", 20_000, 35_000), ("RANDOM_MATCHED_400", 47_000, 60_000)])
 def test_the_random_controls_match_the_querys_matrix_count_or_its_parameter_count(control, low, high):
     """The query's 25 picks at epsilon 10 hold 52,224 LoRA parameters (rank 4); the count control's 25 random picks
     hold about half that, the size control's 46 about as many, seed by seed (seeds 0-2: public, no data)."""
